@@ -1,0 +1,1 @@
+"""Survey data layer: typed batches, Multimodal Universe readers/writers, cross-matching."""

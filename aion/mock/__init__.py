@@ -1,0 +1,1 @@
+"""A physically grounded mock universe written in the Multimodal Universe layout."""
