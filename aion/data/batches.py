@@ -203,7 +203,8 @@ class ScalarBatch:
         if self.ivar is not None:
             self.ivar = np.array(self.ivar, dtype=np.float64)
             if self.ivar.shape != self.values.shape:
-                raise BatchValidationError(f"{self.name}.ivar: expected shape {self.values.shape}, got {self.ivar.shape}")
+                raise BatchValidationError(
+                    f"{self.name}.ivar: expected shape {self.values.shape}, got {self.ivar.shape}")
             if (self.ivar < 0).any():
                 raise BatchValidationError(f"{self.name}.ivar: inverse variance must be >= 0")
             self.ivar[~np.isfinite(self.ivar)] = 0.0

@@ -1,0 +1,81 @@
+"""The ``aion`` command line: one entry point, one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_mock_universe(args: argparse.Namespace) -> int:
+    from aion.mock.universe import MockConfig, generate
+
+    cfg = MockConfig(n=args.n, seed=args.seed, image_size=args.image_size, hsc_image_size=args.hsc_image_size)
+    summary = generate(args.out, cfg, progress=not args.quiet)
+    rate = cfg.n / summary.seconds if summary.seconds > 0 else float("nan")
+    print(f"mock universe written to {Path(args.out).resolve()} in {summary.seconds:.1f} s ({rate:.0f} galaxies/s)")
+    for name, count in summary.counts.items():
+        print(f"  {name:<13} {count:>8} objects")
+    print(f"  HEALPix pixels (nside 16, nested): {summary.pixels}")
+    if args.plot:
+        from aion.mock.plots import gallery
+
+        for path in gallery(args.out):
+            print(f"  plot: {path}")
+    return 0
+
+
+def _cmd_mock_plot(args: argparse.Namespace) -> int:
+    from aion.mock.plots import gallery
+
+    for path in gallery(args.data, out=args.out):
+        print(path)
+    return 0
+
+
+def _cmd_modalities(args: argparse.Namespace) -> int:
+    from aion import modalities as registry
+
+    rows = registry.modalities()
+    if args.json:
+        print(json.dumps({k: {"kind": m.kind, "survey": m.survey, "unit": m.unit, "fields": m.fields,
+                              "role": m.role, "description": m.description} for k, m in rows.items()}, indent=2))
+        return 0
+    for name, m in rows.items():
+        print(f"{name:<26} {m.kind:<9} {m.survey:<13} {m.role:<6} {m.unit:<30} {m.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aion", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("mock-universe", help="generate the physically grounded mock surveys (MMU layout)")
+    p.add_argument("--n", type=int, default=2000, help="galaxies in the parent imaging sample (default 2000)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64, help="Legacy Survey cutout size in pixels (default 64)")
+    p.add_argument("--hsc-image-size", type=int, default=96, help="HSC cutout size in pixels (default 96)")
+    p.add_argument("--plot", action="store_true", help="also write a PNG gallery under OUT/plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_mock_universe)
+
+    p = sub.add_parser("mock-plot", help="PNG gallery of a generated mock universe")
+    p.add_argument("data", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="directory for PNGs (default DATA/plots)")
+    p.set_defaults(func=_cmd_mock_plot)
+
+    p = sub.add_parser("modalities", help="list the registered modalities")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_modalities)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
