@@ -117,7 +117,7 @@ def draw_population(n: int, rng: np.random.Generator) -> Population:
     # quenched mixtures have no young templates; give them residual star formation
     ssfr_raw = (frac @ tpl.m300) / 3e8 / (frac @ tpl.mremain)
     quenched = ssfr_raw < 10**-11.5
-    residual = 10 ** rng.normal(-3.6, 0.4, n) * quenched
+    residual = 10 ** rng.normal(-4.2, 0.4, n) * quenched
     young = int(np.argmax(tpl.m300))
     frac[:, young] += residual
     frac /= frac.sum(axis=1, keepdims=True)

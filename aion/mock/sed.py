@@ -20,6 +20,7 @@ Physical ingredients and sources
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -61,10 +62,13 @@ class Templates:
 
 @lru_cache(maxsize=1)
 def load_templates() -> Templates:
-    import kcorrect
     from astropy.io import fits
 
-    path = os.path.join(os.path.dirname(kcorrect.__file__), "data", "templates", "kcorrect-default-v4.fits")
+    # locate kcorrect's data without importing it (its import pulls in matplotlib, ~1.5 s)
+    spec = importlib.util.find_spec("kcorrect")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the mock universe needs the 'kcorrect' package for its SED templates")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "templates", "kcorrect-default-v4.fits")
     with fits.open(path) as hdul:
         wave = np.asarray(hdul["FLUX"].data["wave"][0], dtype=np.float64)
         flux = np.asarray(hdul["FLUX"].data["flux"][0], dtype=np.float64).copy()
@@ -121,9 +125,15 @@ def _distance_grid(kind: str, z: np.ndarray) -> np.ndarray:
     return np.interp(z, zg, dl if kind == "lum" else da)
 
 
-def age_of_universe_gyr(z: np.ndarray) -> np.ndarray:
+@lru_cache(maxsize=1)
+def _age_table() -> tuple[np.ndarray, np.ndarray]:
     zg = np.linspace(0.0, 3.0, 601)
-    return np.interp(z, zg, Planck18.age(zg).to_value("Gyr"))
+    return zg, Planck18.age(zg).to_value("Gyr")
+
+
+def age_of_universe_gyr(z: np.ndarray) -> np.ndarray:
+    zg, age = _age_table()
+    return np.interp(z, zg, age)
 
 
 class PhotometryTable:

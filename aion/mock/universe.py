@@ -337,7 +337,8 @@ def _chunk(gen: _Generator, cfg: MockConfig, pixel: int, in_hsc: bool, start: in
         f_nmgy = hsc["_flux"] * to_nmgy
         sig_nmgy = np.sqrt(1 / np.where(hsc["_flux_ivar"] > 0, hsc["_flux_ivar"], np.inf)) * to_nmgy
         mag = _mag(f_nmgy)
-        magerr = np.where(np.isfinite(mag), 1.0857 * sig_nmgy / np.abs(f_nmgy), np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            magerr = np.where(np.isfinite(mag), 1.0857 * sig_nmgy / np.abs(f_nmgy), np.nan)
         jitter = rng.normal(0, 0.03 / 3600, (2, k))
         hsc_cols = {
             "object_id": _ids(2, pixel, start, k), "ra": (ra + jitter[0] / np.cos(np.radians(dec))) % 360,
