@@ -141,7 +141,7 @@ def test_spectra_agree_with_fibre_photometry(universe):
     spec = desi.modalities["desi_spectrum"]
     wave = desi_wavelength()
     ratios = []
-    for j, band in enumerate("GRI"):
+    for band in "GRI":
         filt = registry.band(f"des-{band.lower()}").filter_curve
         synth = []
         for k in range(len(desi)):
