@@ -241,6 +241,10 @@ for _b in ("g", "r", "i", "z", "y"):
         description=f"HSC cmodel magnitude in {_b} (not corrected for Milky Way dust)",
     ))
 register_modality(Modality(
+    name="sdss_z", kind="scalar", survey="sdss", unit="", fields=("Z",),
+    error_field="Z_ERR", error_kind="sigma", description="SDSS spectroscopic redshift",
+))
+register_modality(Modality(
     name="desi_z", kind="scalar", survey="desi", unit="", fields=("Z",),
     error_field="ZERR", error_kind="sigma", description="DESI spectroscopic redshift",
 ))

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -60,7 +61,7 @@ META_ATTR = "aion_meta"
 """HDF5 file attribute holding the writer's metadata as a JSON string."""
 
 IMAGE_KEYS = {
-    "image_array": "flux", "image_ivar": "ivar", "image_mask": "mask", "image_band": "band",
+    "image_band": "band", "image_array": "flux", "image_ivar": "ivar", "image_mask": "mask",
     "image_psf_fwhm": "psf_fwhm", "image_scale": "scale",
 }
 """Flat HDF5 column -> key of one band's dict in the Hugging Face ``image`` feature."""
@@ -160,6 +161,18 @@ def _normalise_column(name: str, value: Any) -> np.ndarray:
     return arr
 
 
+def _compresses_well(arr: np.ndarray, max_ratio: float = 0.6) -> bool:
+    """Whether gzip (after byte shuffling) shrinks a sample of the column to below ``max_ratio``.
+
+    Noisy float pixels shrink only ~25% at ~15x the write time, while inverse variances,
+    wavelength grids, masks and text shrink many-fold: decide per column from its data.
+    """
+    sample = np.ascontiguousarray(arr[: min(len(arr), 32)])
+    raw = sample.view(np.uint8).reshape(-1, sample.dtype.itemsize).T.tobytes() if sample.dtype.itemsize > 1 \
+        else sample.tobytes()
+    return len(raw) > 0 and len(zlib.compress(raw, 1)) < max_ratio * len(raw)
+
+
 class MMUShardWriter:
     """Write one MMU shard row batch by row batch; the file appears only when complete.
 
@@ -167,10 +180,12 @@ class MMUShardWriter:
     clean :meth:`close` (or ``with`` exit); on an exception the temporary file is removed and
     whatever was at ``path`` before is untouched. Output is byte-identical for identical
     inputs. ``attrs`` (JSON-serialisable) is stored as the JSON string attribute ``aion_meta``.
+    ``compression="auto"`` gzips each column whose first rows compress well (see
+    :func:`_compresses_well`) and leaves incompressible ones (noisy pixels) raw.
     """
 
     def __init__(self, path: PathLike, attrs: Mapping[str, Any] | None = None, *,
-                 compression: Literal["gzip", "lzf"] | None = "gzip") -> None:
+                 compression: Literal["auto", "gzip", "lzf"] | None = "auto") -> None:
         self.path = Path(path)
         self.attrs: dict[str, Any] = dict(attrs or {})
         self.compression = compression
@@ -241,11 +256,16 @@ class MMUShardWriter:
             trailing = arr.shape[1:]
             row_bytes = max(1, int(np.prod(trailing, dtype=np.int64)) * arr.dtype.itemsize)
             rows = int(np.clip(_CHUNK_BYTES // row_bytes, 1, _MAX_CHUNK_ROWS))
+            comp = self.compression
+            if comp == "auto":
+                # small rows: always compress, or the last, partly filled chunk (up to
+                # _MAX_CHUNK_ROWS rows) is stored at full size
+                comp = "gzip" if row_bytes < 4096 or _compresses_well(arr) else None
             self._file.create_dataset(
                 name, shape=(0, *trailing), maxshape=(None, *trailing), dtype=arr.dtype,
-                chunks=(rows, *trailing), compression=self.compression,
-                compression_opts=1 if self.compression == "gzip" else None,
-                shuffle=self.compression is not None and arr.dtype.itemsize > 1, track_times=False,
+                chunks=(rows, *trailing), compression=comp,
+                compression_opts=1 if comp == "gzip" else None,
+                shuffle=comp is not None and arr.dtype.itemsize > 1, track_times=False,
             )
             self._schema[name] = (trailing, arr.dtype)
 
@@ -306,17 +326,30 @@ def _dedupe(names: Iterable[str]) -> list[str]:
 
 
 def _read(f: h5py.File, names: Sequence[str], rows: slice | np.ndarray) -> dict[str, np.ndarray]:
-    """Rows of some columns: a slice, or sorted unique indices (dense ones read as one slice)."""
+    """Rows of some columns: a slice, or sorted unique indices.
+
+    Dense indices are read as one slice (memory stays O(batch)); sparse ones as one slice per
+    run of consecutive rows, which measured 3-4x faster than h5py point selection on
+    chunked, compressed cutouts.
+    """
     if isinstance(rows, slice):
         return {name: f[name][rows] for name in names}
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) == 0:
         return {name: np.empty((0, *f[name].shape[1:]), dtype=f[name].dtype) for name in names}
     lo, hi = int(rows[0]), int(rows[-1]) + 1
-    if hi - lo <= 4 * len(rows):  # one contiguous read beats per-row hyperslabs; memory stays O(batch)
+    if hi - lo <= 4 * len(rows):
         local = rows - lo
         return {name: f[name][lo:hi][local] for name in names}
-    return {name: f[name][rows] for name in names}
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(rows) != 1) + 1, [len(rows)]])
+    out = {}
+    for name in names:
+        ds = f[name]
+        arr = np.empty((len(rows), *ds.shape[1:]), dtype=ds.dtype)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            arr[a:b] = ds[rows[a]:rows[b - 1] + 1]
+        out[name] = arr
+    return out
 
 
 def concat_rows(pieces: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -418,6 +451,16 @@ class SurveyShards:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return {name: arr[inverse] for name, arr in merged.items()}
+
+    def iter_blocks(self, block_rows: int) -> Iterator[dict[str, np.ndarray]]:
+        """Flat column dicts of at most ``block_rows`` rows, each from a single shard."""
+        _check_batch_size(block_rows)
+        for path, n in zip(self.paths, self.lengths, strict=True):
+            if not n:
+                continue
+            with h5py.File(path, "r") as f:
+                for start in range(0, int(n), block_rows):
+                    yield _read(f, self.columns, slice(start, min(start + block_rows, int(n))))
 
     def iter_raw(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Flat column dicts of ``batch_size`` rows (the last may be shorter), across shard boundaries."""
@@ -770,7 +813,9 @@ def _hf_features(schema: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> data
     feats: dict[str, Any] = {}
     image: dict[str, Any] = {}
     spectrum: dict[str, Any] = {}
-    for name, (trailing, dtype) in schema.items():
+    ordered = [*(k for k in IMAGE_KEYS if k in schema), *(k for k in schema if k not in IMAGE_KEYS)]
+    for name in ordered:
+        trailing, dtype = schema[name]
         if name in IMAGE_KEYS and "image_array" in schema:
             key = IMAGE_KEYS[name]
             if len(trailing) == 3:
@@ -799,7 +844,7 @@ def _hf_rows(root: str, survey: str, config: str | None, fingerprint: str) -> It
     spectrum_cols = [c for c in SPECTRUM_KEYS if c in schema and len(schema[c][0]) == 1] \
         if "spectrum_flux" in schema else []
     flat_cols = [c for c in shards.columns if c not in image_cols and c not in spectrum_cols]
-    for raw in shards.iter_raw(64):
+    for raw in shards.iter_blocks(64):  # per shard, so rows keep their shard's spectrum width
         text = {k: np.char.decode(v, "utf-8") for k, v in raw.items() if v.dtype.kind == "S"}
         raw.update(text)
         for i in range(len(raw["object_id"])):
