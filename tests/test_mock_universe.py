@@ -202,3 +202,16 @@ def test_labels_follow_luminosity_and_the_star_forming_sequence(universe):
     assert np.all((prov.modalities["provabgs_z_mw"].values > 0.001) & (prov.modalities["provabgs_z_mw"].values < 0.06))
     tage = prov.modalities["provabgs_tage_mw"].values
     assert np.all((tage > 0.1) & (tage < 13.8))
+
+
+def test_noiseless_spectra_from_truth_explain_the_observed_ones(universe):
+    from aion.mock.universe import noiseless_desi_spectra
+
+    desi = _read_all(universe, "desi")
+    truth = _read_all(universe, "truth")
+    row = {int(i): k for k, i in enumerate(truth.columns["desi_object_id"]) if i >= 0}
+    idx = np.array([row[int(i)] for i in desi.object_id])
+    model = noiseless_desi_spectra({k: v[idx] for k, v in truth.columns.items()})
+    spec = desi.modalities["desi_spectrum"]
+    chi2 = ((spec.flux - model) ** 2 * spec.ivar)[spec.valid]
+    assert chi2.mean() == pytest.approx(1.0, abs=0.03)

@@ -451,3 +451,16 @@ def noiseless_images(truth: dict[str, np.ndarray], survey_name: str, size: int) 
         model, _ = gen.render(pop.select(have), comp[have], srv.pixel_scale, size, psf[have], offsets[have])
         out[have] = model
     return out
+
+
+def noiseless_desi_spectra(truth: dict[str, np.ndarray]) -> np.ndarray:
+    """Re-compute the noiseless DESI-like spectra (B, 7781) from ``truth`` rows (1e-17 erg/s/cm^2/A).
+
+    The same function made the observed spectra before noise, so this is the signal a
+    spectrum tokenizer should recover. Works for any truth row, targeted by DESI or not.
+    """
+    return spectra.noiseless_spectra(
+        np.asarray(truth["COEFFS_BULGE"]), np.asarray(truth["COEFFS_DISK"]),
+        np.asarray(truth["FIBER_FRAC_BULGE"]), np.asarray(truth["FIBER_FRAC_DISK"]), np.asarray(truth["Z"]),
+        np.asarray(truth["VDISP"]), np.asarray(truth["SIGMA_GAS"]), np.asarray(truth["LINE_FLUX"]),
+        np.asarray(truth["EBV"]))
