@@ -215,3 +215,19 @@ def test_noiseless_spectra_from_truth_explain_the_observed_ones(universe):
     spec = desi.modalities["desi_spectrum"]
     chi2 = ((spec.flux - model) ** 2 * spec.ivar)[spec.valid]
     assert chi2.mean() == pytest.approx(1.0, abs=0.03)
+
+
+def test_crossmatch_recovers_the_same_galaxies_in_legacy_and_hsc(universe):
+    from aion.data.crossmatch import iter_crossmatched
+
+    truth = _read_all(universe, "truth", columns=["hsc_object_id"])
+    expected = {int(leg_id): int(h) for leg_id, h in zip(truth.object_id, truth.columns["hsc_object_id"], strict=True)
+                if h >= 0}
+    got = {}
+    for batch in iter_crossmatched(universe, "legacysurvey", "hsc", batch_size=50):
+        assert "legacysurvey_image" in batch.modalities and "hsc_image" in batch.modalities
+        # same-named columns of both surveys survive side by side
+        assert "legacysurvey.healpix" in batch.columns and "hsc.healpix" in batch.columns
+        assert np.all(batch.columns["separation_arcsec"] < 0.3)
+        got.update({int(a): int(b) for a, b in zip(batch.object_id, batch.columns["hsc.object_id"], strict=True)})
+    assert got == expected
