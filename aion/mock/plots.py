@@ -56,7 +56,9 @@ def gallery(data_dir: str | Path, out: str | Path | None = None, n_show: int = 8
         if hsc_id in hsc_by_id:
             b, j = hsc_by_id[hsc_id]
             h = b.modalities["hsc_image"]
-            ax.imshow(_rgb(h.flux[j, :3], h.valid[j, :3], 0.05 * 10 ** (0.4 * 4.5)), origin="lower")
+            # same surface-brightness stretch: zero point 27 units and smaller pixels
+            scale = 0.05 * 10 ** (0.4 * 4.5) * (h.pixel_scale / img.pixel_scale) ** 2
+            ax.imshow(_rgb(h.flux[j, :3], h.valid[j, :3], scale), origin="lower")
             ax.set_title("HSC", fontsize=8)
         else:
             ax.text(0.5, 0.5, "outside HSC", ha="center", va="center", fontsize=8, transform=ax.transAxes)
