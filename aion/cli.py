@@ -34,6 +34,22 @@ def _cmd_mock_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    from aion.tokenizers.pretokenize import PretokenizeConfig, pretokenize
+
+    cfg = PretokenizeConfig(parent=args.parent, join=tuple(args.join) if args.join else None,
+                            config=args.config, radius_arcsec=args.radius, shard_size=args.shard_size,
+                            batch_size=args.batch_size)
+    index = pretokenize(args.data, args.tokenizers, args.out, cfg, progress=not args.quiet)
+    print(f"{index['n_objects']} objects in {len(index['shards'])} shards under {Path(args.out).resolve()}")
+    for name, info in index["modalities"].items():
+        print(f"  {name:<26} {info['num_tokens']:>5} tokens  vocab {info['vocab_size']:>6}  "
+              f"present for {info['present']} objects")
+    for survey, info in index["joins"].items():
+        print(f"  joined {survey}: {info['matched']} matches ({info['duplicates_dropped']} duplicate claims dropped)")
+    return 0
+
+
 def _cmd_modalities(args: argparse.Namespace) -> int:
     from aion import modalities as registry
 
@@ -65,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", type=Path)
     p.add_argument("--out", type=Path, default=None, help="directory for PNGs (default DATA/plots)")
     p.set_defaults(func=_cmd_mock_plot)
+
+    p = sub.add_parser("tokenize", help="pre-tokenize surveys into token shards with presence masks")
+    p.add_argument("--tokenizers", type=Path, required=True, help="directory of saved tokenizers (any depth)")
+    p.add_argument("--data", type=Path, required=True, help="MMU data root")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--parent", default="legacysurvey", help="survey whose rows are the objects")
+    p.add_argument("--join", nargs="*", default=None,
+                   help="surveys cross-matched onto the parent (default: every registered survey present)")
+    p.add_argument("--config", default=None, help="MMU config directory (default: all)")
+    p.add_argument("--radius", type=float, default=1.0, help="cross-match radius in arcsec")
+    p.add_argument("--shard-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_tokenize)
 
     p = sub.add_parser("modalities", help="list the registered modalities")
     p.add_argument("--json", action="store_true")
