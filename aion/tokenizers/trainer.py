@@ -124,13 +124,13 @@ def train(model: nn.Module, get_batch: Callable[[np.ndarray], Any], n_train: int
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             now = time.perf_counter()
-            record = {"step": step + 1, "loss": float(loss), "lr": opt.param_groups[0]["lr"],
+            record = {"step": step + 1, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
                       "grad_norm": float(grad_norm), "seconds": now - t_last,
                       **{k: float(v) for k, v in metrics.items()}}
             t_last = now
             log.write(json.dumps(record) + "\n")
             log.flush()
-            bar.set_postfix(loss=f"{float(loss):.4g}")
+            bar.set_postfix(loss=f"{record['loss']:.4g}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             _save_checkpoint(out, step + 1, model, opt, cfg.keep_last)
     bar.close()
