@@ -50,6 +50,35 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from aion.tokenizers.recipes import default_recipes, train_tokenizer
+
+    recipes = args.recipe or default_recipes()
+    if len(recipes) > 1 or not args.recipe:
+        stems = [Path(r).stem for r in recipes]
+        if len(set(stems)) != len(stems):
+            raise SystemExit(f"--recipe: recipe file names must differ (each trains into OUT/<name>): {stems}")
+        outs = [args.out / stem for stem in stems]
+    else:
+        outs = [args.out]
+    for recipe, out in zip(recipes, outs, strict=True):
+        print(f"== {recipe} -> {out}")
+        metrics = train_tokenizer(recipe, args.data, out, progress=not args.quiet)
+        shown = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
+        print(json.dumps(shown, indent=1))
+    return 0
+
+
+def _cmd_tokenizer_eval(args: argparse.Namespace) -> int:
+    from aion.tokenizers.recipes import evaluate_tokenizer
+
+    metrics = evaluate_tokenizer(args.tokenizer, args.data, args.out, max_objects=args.max_objects)
+    text = (args.out / "quantization.txt")
+    print(text.read_text() if "reports" in metrics and text.is_file() else json.dumps(metrics, indent=1))
+    print(f"metrics and plots written to {args.out.resolve()}")
+    return 0
+
+
 def _cmd_modalities(args: argparse.Namespace) -> int:
     from aion import modalities as registry
 
@@ -95,6 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_tokenize)
+
+    tok = sub.add_parser("tokenizer", help="train / evaluate modality tokenizers")
+    tsub = tok.add_subparsers(dest="tokenizer_command", required=True)
+    p = tsub.add_parser("train", help="train (image, spectrum) or fit (scalar) tokenizers from YAML recipes")
+    p.add_argument("--recipe", type=Path, action="append", default=None,
+                   help="recipe YAML (repeatable; default: the CPU presets scalars, image_cpu, spectrum_cpu, "
+                        "each into OUT/<recipe name>)")
+    p.add_argument("--data", type=Path, required=True, help="MMU data root (e.g. a mock universe)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (rerun to resume from checkpoints)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_tokenizer_train)
+    p = tsub.add_parser("eval", help="held-out metrics JSON and PNGs for a trained tokenizer")
+    p.add_argument("tokenizer", type=Path, help="saved tokenizer directory (or a train output folder)")
+    p.add_argument("--data", type=Path, required=True, help="held-out MMU data root (a mock universe for truth)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-objects", type=int, default=None)
+    p.set_defaults(func=_cmd_tokenizer_eval)
 
     p = sub.add_parser("modalities", help="list the registered modalities")
     p.add_argument("--json", action="store_true")

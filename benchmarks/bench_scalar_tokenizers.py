@@ -20,9 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aion import modalities as registry
 from aion.data.batches import ScalarBatch
-from aion.data.mmu import iter_mmu_hdf5
 from aion.tokenizers.binning import LinearGridBinning, QuantileBinning
 from aion.tokenizers.scalar import (
     ScalarTokenizer,
@@ -30,29 +28,10 @@ from aion.tokenizers.scalar import (
     format_report_table,
     load_scalar_recipe,
     quantization_report,
+    read_scalar_batches,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def read_scalars(root: Path, names: list[str]) -> dict[str, ScalarBatch]:
-    """Every row of the given scalar modalities, one ScalarBatch each."""
-    by_survey: dict[str, list[str]] = {}
-    for name in names:
-        by_survey.setdefault(registry.modality(name).survey, []).append(name)
-    out: dict[str, ScalarBatch] = {}
-    for survey, mods in by_survey.items():
-        parts: dict[str, list[ScalarBatch]] = {m: [] for m in mods}
-        for batch in iter_mmu_hdf5(root, survey, batch_size=8192):
-            for m in mods:
-                sb = batch.modalities.get(m)
-                if isinstance(sb, ScalarBatch):
-                    parts[m].append(sb)
-        for m, pieces in parts.items():
-            if pieces:
-                ivar = None if pieces[0].ivar is None else np.concatenate([p.ivar for p in pieces])
-                out[m] = ScalarBatch(name=m, values=np.concatenate([p.values for p in pieces]), ivar=ivar)
-    return out
 
 
 def synthetic_batches(names: list[str], n: int, seed: int) -> dict[str, ScalarBatch]:
@@ -83,7 +62,7 @@ def throughput(tok: ScalarTokenizer, batch: ScalarBatch, n: int, repeats: int = 
 
 def baseline_tokenizers(fit_root: Path, names: list[str], recipe) -> dict[str, ScalarTokenizer]:
     """AION-1 default: equally populated bins without transform, for quantile-binned modalities."""
-    data = read_scalars(fit_root, names)
+    data = read_scalar_batches(fit_root, names)
     out = {}
     for name in names:
         if recipe.binning_for(name).kind != "quantile" or name not in data:
@@ -123,7 +102,7 @@ def main() -> None:
             toks[name] = ScalarTokenizer(name, binning).fit(train[name])
         print(f"fitted {len(toks)} tokenizers on synthetic values in {time.perf_counter() - t0:.2f} s")
 
-    evaluation = read_scalars(args.data, list(toks)) if args.data is not None else \
+    evaluation = read_scalar_batches(args.data, list(toks)) if args.data is not None else \
         synthetic_batches(list(toks), 10_000, seed=1)
     print(f"\n## throughput ({args.n} objects per call, best of 3)")
     print(f"{'modality':24s} {'binning':28s} {'encode obj/s':>14s} {'decode obj/s':>14s}")

@@ -294,6 +294,54 @@ def test_save_load_round_trip_gives_identical_tokens(tmp_path, binning):
     assert ScalarTokenizer.from_pretrained(tmp_path / name).get_config() == tok.get_config()
 
 
+def test_fine_token_refines_within_the_coarse_bin(tmp_path):
+    coarse = ScalarTokenizer(FLUX, QuantileBinning(64, transform="sqrt", scale=5.0)).fit(_flux_batch(4000, 0))
+    fine = ScalarTokenizer(FLUX, QuantileBinning(64, transform="sqrt", scale=5.0), fine_bins=32).fit(
+        _flux_batch(4000, 0))
+    assert fine.num_tokens == 2 and fine.vocab_size == 64 + 32
+    batch = _flux_batch(2000, 1)
+    batch = ScalarBatch(name=FLUX, values=np.append(batch.values, np.nan), ivar=np.append(batch.ivar, 1.0))
+    tokens = fine.encode(batch)
+    assert tokens.shape == (len(batch), 2)
+    assert torch.equal(tokens[:, :1], coarse.encode(batch))  # the first token is the one-token code
+    assert int(tokens[:, 1].min()) >= 64 and int(tokens[:, 1].max()) < 96
+    assert tokens[-1].tolist() == [0, 64]  # absent: token 0 and the first fine token
+    edges = fine.binning.edges_physical().numpy()
+    inside = batch.valid & (batch.values >= edges[0]) & (batch.values <= edges[-1])  # clipped tails aside
+    assert inside.sum() > 1900
+    v = batch.values[inside]
+    err_fine = fine.decode(tokens).values[inside] - v
+    err_coarse = coarse.decode(tokens[:, :1]).values[inside] - v
+    assert np.sqrt(np.mean(err_fine**2)) < np.sqrt(np.mean(err_coarse**2)) / 10
+    # in the transformed space the error is at most half a sub-bin
+    u = fine.binning.transform_values(torch.from_numpy(v))
+    u_dec = fine.binning.transform_values(torch.from_numpy(fine.decode(tokens).values[inside]))
+    widths = torch.diff(fine.binning.edges)[tokens[torch.from_numpy(inside), 0]]
+    assert bool(((u_dec - u).abs() <= widths / 64 + 1e-9).all())
+    # a coarse token alone still decodes (to the bin representative)
+    np.testing.assert_array_equal(fine.decode(tokens[:, :1]).values, coarse.decode(tokens[:, :1]).values)
+    with pytest.raises(ValueError, match="fine tokens must lie in"):
+        fine.decode(torch.tensor([[3, 5]]))
+    fine.save_pretrained(tmp_path / "fine")
+    assert torch.equal(load_tokenizer(tmp_path / "fine").encode(batch), tokens)
+
+
+def test_tail_margin_places_values_just_beyond_the_training_range():
+    train = _flux_batch(3000, 0)
+    top = float(np.max(train.values))
+    beyond = ScalarBatch(name=FLUX, values=np.array([top * 1.02]), ivar=np.ones(1))
+    plain = ScalarTokenizer(FLUX, QuantileBinning(256)).fit(train)
+    plain.encode(beyond)
+    assert plain.last_clip_counts.above == 1
+    padded = ScalarTokenizer(FLUX, QuantileBinning(256, tail_margin=0.05), fine_bins=16).fit(train)
+    tokens = padded.encode(beyond)
+    assert padded.last_clip_counts.above == 0 and int(tokens[0, 0]) == 255
+    assert abs(padded.decode(tokens).values[0] - top * 1.02) < abs(plain.decode(plain.encode(beyond)).values[0]
+                                                                   - top * 1.02)
+    with pytest.raises(ValueError, match="tail_margin"):
+        QuantileBinning(8, tail_margin=-0.1)
+
+
 def test_binning_config_round_trip_and_errors():
     b = QuantileBinning(100, transform="asinh", scale=2.0, density_power=0.5, reservoir_size=10, seed=3)
     assert binning_from_config(b.config()).config() == b.config()

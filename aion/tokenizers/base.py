@@ -29,6 +29,16 @@ WEIGHTS_NAME = "model.safetensors"
 _TOKENIZER_TYPES: dict[str, type[Tokenizer]] = {}
 
 
+BUILTIN_TOKENIZER_MODULES = ("aion.tokenizers.image", "aion.tokenizers.spectrum", "aion.tokenizers.scalar")
+"""Imported on first load so that their types are known without the caller importing them."""
+
+
+def check_recipe_kind(kind: str, expected: str) -> None:
+    """A recipe's ``kind`` key must name the trainer it is handed to."""
+    if kind != expected:
+        raise ValueError(f"recipe kind: this is a {expected!r} recipe loader, the recipe says kind={kind!r}")
+
+
 def register_tokenizer(cls: type[Tokenizer]) -> type[Tokenizer]:
     """Class decorator: makes a tokenizer type loadable by :func:`load_tokenizer`."""
     name = cls.tokenizer_type
@@ -127,6 +137,11 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; expected a directory written by save_pretrained")
     config = json.loads(cfg_path.read_text())
     kind = config.pop("tokenizer_type", None)
+    if kind not in _TOKENIZER_TYPES:
+        import importlib
+
+        for module in BUILTIN_TOKENIZER_MODULES:
+            importlib.import_module(module)
     if kind not in _TOKENIZER_TYPES:
         raise ValueError(f"{cfg_path}: unknown tokenizer_type {kind!r}; known: {sorted(_TOKENIZER_TYPES)}")
     tok = _TOKENIZER_TYPES[kind].from_config(config)

@@ -461,11 +461,18 @@ class QuantileBinning(_Binning):
     kind = "quantile"
 
     def __init__(self, n_bins: int = 1024, transform: Transform = "none", scale: float = 1.0,
-                 density_power: float = 1.0, reservoir_size: int = 1_000_000, seed: int = 0) -> None:
+                 density_power: float = 1.0, reservoir_size: int = 1_000_000, seed: int = 0,
+                 tail_margin: float = 0.0) -> None:
         super().__init__(n_bins, transform, scale)
         if not 0.0 <= float(density_power) <= 1.0:
             raise ValueError(f"density_power must lie in [0, 1], got {density_power}")
+        if not (math.isfinite(float(tail_margin)) and float(tail_margin) >= 0):
+            raise ValueError(f"tail_margin must be a finite number >= 0, got {tail_margin}")
         self.density_power = float(density_power)
+        self.tail_margin = float(tail_margin)
+        """The outer edges move out by this fraction of the fitted (transformed) range, so values
+        a little beyond the training sample are still placed, not clipped (fine tokens resolve
+        the wider edge bins)."""
         self.reservoir_size = int(reservoir_size)
         self.seed = int(seed)
         self._reservoir = Reservoir(self.reservoir_size, self.seed)
@@ -475,7 +482,7 @@ class QuantileBinning(_Binning):
     def config(self) -> dict[str, Any]:
         return {"kind": self.kind, "n_bins": self.n_bins, "transform": self.transform,
                 "scale": self.scale, "density_power": self.density_power,
-                "reservoir_size": self.reservoir_size, "seed": self.seed}
+                "reservoir_size": self.reservoir_size, "seed": self.seed, "tail_margin": self.tail_margin}
 
     def update(self, values: np.ndarray | torch.Tensor) -> None:
         """Stream values into the reservoir; non-finite ones are dropped and counted."""
@@ -501,6 +508,11 @@ class QuantileBinning(_Binning):
         else:
             edges = density_power_edges(u, self.n_bins, self.density_power)
         centers, counts = _bin_medians(x, u, edges, self.transform, self.scale)
+        if self.tail_margin > 0:
+            span = float(edges[-1] - edges[0])
+            edges = edges.astype(np.float64).copy()
+            edges[0] -= self.tail_margin * span
+            edges[-1] += self.tail_margin * span  # every transform maps all reals back to the domain
         self.edges = torch.from_numpy(edges.astype(np.float64))
         self.centers = torch.from_numpy(centers.astype(np.float64))
         self.counts = torch.from_numpy(counts.astype(np.int64))

@@ -65,7 +65,7 @@ from torch import nn
 from aion import modalities as registry
 from aion.config import from_dict, load_yaml, to_dict
 from aion.data.batches import ImageBatch
-from aion.tokenizers.base import Tokenizer, load_tokenizer, register_tokenizer
+from aion.tokenizers.base import Tokenizer, check_recipe_kind, load_tokenizer, register_tokenizer
 from aion.tokenizers.quantizers import FSQ
 from aion.tokenizers.trainer import TrainConfig, train
 
@@ -538,9 +538,14 @@ class ImageDataConfig:
 class ImageTokenizerRecipe:
     """A full recipe: network, data, schedule (the YAML files under ``tokenizers/``)."""
 
+    kind: str = "image"
+    """Which trainer the recipe is for (``aion tokenizer train`` dispatches on it)."""
     tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        check_recipe_kind(self.kind, "image")
 
 
 def load_recipe(recipe: str | os.PathLike | dict | ImageTokenizerRecipe) -> ImageTokenizerRecipe:

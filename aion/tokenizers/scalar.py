@@ -34,7 +34,7 @@ from aion import modalities as registry
 from aion.config import from_dict, load_yaml
 from aion.data.batches import ScalarBatch
 from aion.data.mmu import SurveyShards, iter_mmu_hdf5
-from aion.tokenizers.base import CONFIG_NAME, Tokenizer, load_tokenizer, register_tokenizer
+from aion.tokenizers.base import CONFIG_NAME, Tokenizer, check_recipe_kind, load_tokenizer, register_tokenizer
 from aion.tokenizers.binning import (
     TRANSFORMS,
     Binning,
@@ -42,6 +42,7 @@ from aion.tokenizers.binning import (
     FitStats,
     LinearGridBinning,
     QuantileBinning,
+    _inverse_np,
     binning_from_config,
     optimal_rms_error,
 )
@@ -68,12 +69,20 @@ class BinningSpec:
     """Linear grid only: lower end of the grid."""
     high: float | None = None
     """Linear grid only: upper end of the grid."""
+    tail_margin: float = 0.0
+    """Quantile bins only: widen the outer edges by this fraction of the fitted range (fewer clips)."""
+    fine_bins: int = 0
+    """> 0: a second token places the value inside its bin on this many equal sub-bins (in the
+    transformed space). One 1024-level token cannot resolve photometry at a tenth of its noise
+    over a range of thousands of sigma; two can. 0 = one token (AION-1)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("quantile", "linear"):
             raise ValueError(f"kind must be 'quantile' or 'linear', got {self.kind!r}")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}")
+        if int(self.fine_bins) < 0:
+            raise ValueError(f"fine_bins must be >= 0, got {self.fine_bins}")
         if self.kind == "linear" and (self.low is None or self.high is None):
             raise ValueError("a linear grid needs both low and high")
 
@@ -84,7 +93,8 @@ class BinningSpec:
             assert self.low is not None and self.high is not None
             return LinearGridBinning(self.low, self.high, n)
         return QuantileBinning(n, transform=self.transform, scale=self.scale,  # type: ignore[arg-type]
-                               density_power=self.density_power, reservoir_size=reservoir_size, seed=seed)
+                               density_power=self.density_power, reservoir_size=reservoir_size, seed=seed,
+                               tail_margin=self.tail_margin)
 
 
 _BINNING_KEYS = {f.name for f in dataclasses.fields(BinningSpec)}
@@ -105,6 +115,8 @@ def _default_overrides() -> dict[str, dict[str, Any]]:
 class ScalarRecipe:
     """Which scalar modalities to fit from which surveys, and how to bin each."""
 
+    kind: str = "scalar"
+    """Which trainer the recipe is for (``aion tokenizer train`` dispatches on it)."""
     n_bins: int = 1024
     reservoir_size: int = 1_000_000
     """Values kept per modality for fitting (16 bytes each); more values are sampled, seeded."""
@@ -119,6 +131,7 @@ class ScalarRecipe:
     """``{modality name or glob pattern: BinningSpec fields}``, applied in order (later wins)."""
 
     def __post_init__(self) -> None:
+        check_recipe_kind(self.kind, "scalar")
         if int(self.n_bins) < 1:
             raise ValueError(f"n_bins must be >= 1, got {self.n_bins}")
         for name in self.surveys:
@@ -176,7 +189,11 @@ def _scalar_modality(name: str) -> registry.Modality:
 
 @register_tokenizer
 class ScalarTokenizer(Tokenizer):
-    """One scalar modality <-> one token in ``[0, n_bins)``.
+    """One scalar modality <-> one token in ``[0, n_bins)`` (+ optionally a fine token).
+
+    With ``fine_bins > 0`` a second token in ``[n_bins, n_bins + fine_bins)`` says where in
+    its bin the value lies (equal sub-bins in the transformed space); decoding a coarse token
+    alone (``(B, 1)`` tokens) still works and gives the bin's representative value.
 
     ``encode`` gives token 0 to absent values (NaN or ``ivar == 0``) and never raises on
     them: keep ``batch.valid`` as the presence mask. ``decode`` returns the bins'
@@ -187,7 +204,7 @@ class ScalarTokenizer(Tokenizer):
 
     tokenizer_type = "scalar"
 
-    def __init__(self, modality: str, binning: Binning | None = None) -> None:
+    def __init__(self, modality: str, binning: Binning | None = None, fine_bins: int = 0) -> None:
         self.modality = _scalar_modality(modality).name
         if binning is None:
             recipe = ScalarRecipe()
@@ -195,6 +212,9 @@ class ScalarTokenizer(Tokenizer):
         if not isinstance(binning, QuantileBinning | LinearGridBinning):
             raise TypeError(f"binning must be a QuantileBinning or LinearGridBinning, got {type(binning).__name__}")
         self.binning = binning
+        if int(fine_bins) < 0:
+            raise ValueError(f"{self.modality}: fine_bins must be >= 0, got {fine_bins}")
+        self.fine_bins = int(fine_bins)
         self.last_clip_counts = ClipCounts()
 
     # -- interface
@@ -204,11 +224,11 @@ class ScalarTokenizer(Tokenizer):
 
     @property
     def num_tokens(self) -> int:
-        return 1
+        return 2 if self.fine_bins else 1
 
     @property
     def vocab_size(self) -> int:
-        return self.binning.n_bins
+        return self.binning.n_bins + self.fine_bins
 
     @property
     def fitted(self) -> bool:
@@ -225,27 +245,61 @@ class ScalarTokenizer(Tokenizer):
             raise ValueError(f"tokenizer for {self.modality!r} got a batch of {batch.name!r}")
 
     def encode(self, batch: ScalarBatch) -> torch.Tensor:
-        """ScalarBatch -> LongTensor[B, 1]; absent values get token 0 (see the class docstring)."""
+        """ScalarBatch -> LongTensor[B, num_tokens]; absent values get token 0 (+ fine token n_bins)."""
         self._check_batch(batch)
         valid = torch.from_numpy(batch.valid)
-        tokens = torch.zeros(len(batch), dtype=torch.long)
+        tokens = torch.zeros(len(batch), self.num_tokens, dtype=torch.long)
+        if self.fine_bins:
+            tokens[:, 1] = self.binning.n_bins
         if bool(valid.any()):
-            _, idx = self.binning.quantize(torch.from_numpy(batch.values)[valid])
-            tokens[valid] = idx
+            x = torch.from_numpy(batch.values)[valid]
+            _, idx = self.binning.quantize(x)
+            tokens[valid, 0] = idx
+            if self.fine_bins:
+                tokens[valid, 1] = self.binning.n_bins + self._fine_index(x, idx)
             self.last_clip_counts = self.binning.last_clip_counts
         else:
             self.binning._require_fitted()
             self.last_clip_counts = ClipCounts()
-        return tokens[:, None]
+        return tokens
+
+    def _bin_bounds(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transformed-space edges (low, high) of bins ``idx`` (merged tie bins map to the last)."""
+        edges = self.binning.edges
+        assert edges is not None
+        k = idx.long().clamp(max=edges.numel() - 2)
+        return edges[k], edges[k + 1]
+
+    def _fine_index(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        lo, hi = self._bin_bounds(idx)
+        width = hi - lo
+        frac = torch.where(width > 0, (self.binning.transform_values(x) - lo) / torch.where(width > 0, width, 1.0),
+                           torch.full_like(lo, 0.5))
+        return (frac.clamp(0.0, 1.0) * self.fine_bins).long().clamp(max=self.fine_bins - 1)
 
     def decode(self, tokens: torch.Tensor, present: np.ndarray | None = None, **context: Any) -> ScalarBatch:
-        """LongTensor[B, 1] (or [B]) -> ScalarBatch of bin representatives, NaN where ``present`` is False."""
+        """LongTensor[B, 1 or 2] (or [B]) -> ScalarBatch of values, NaN where ``present`` is False.
+
+        A coarse token alone decodes to its bin's representative value; with the fine token,
+        to the centre of its sub-bin.
+        """
         tokens = torch.as_tensor(tokens)
-        if tokens.ndim == 2 and tokens.shape[1] == 1:
-            tokens = tokens[:, 0]
-        if tokens.ndim != 1:
-            raise ValueError(f"{self.modality}: expected tokens of shape (B, 1) or (B,), got {tuple(tokens.shape)}")
-        values = self.binning.indices_to_codes(tokens).cpu().numpy()
+        if tokens.ndim == 1:
+            tokens = tokens[:, None]
+        if tokens.ndim != 2 or tokens.shape[1] not in (1, self.num_tokens):
+            raise ValueError(f"{self.modality}: expected tokens of shape (B,), (B, 1) or (B, {self.num_tokens}), "
+                             f"got {tuple(tokens.shape)}")
+        coarse = tokens[:, 0]
+        values = self.binning.indices_to_codes(coarse).cpu().numpy()
+        if tokens.shape[1] == 2:
+            fine = tokens[:, 1].long() - self.binning.n_bins
+            if fine.numel() and (int(fine.min()) < 0 or int(fine.max()) >= self.fine_bins):
+                raise ValueError(f"{self.modality}: fine tokens must lie in [{self.binning.n_bins}, "
+                                 f"{self.vocab_size}), got range [{int(tokens[:, 1].min())}, "
+                                 f"{int(tokens[:, 1].max())}]")
+            lo, hi = self._bin_bounds(coarse.cpu())
+            u = lo + (fine.cpu().double() + 0.5) / self.fine_bins * (hi - lo)
+            values = _inverse_np(u.numpy(), self.binning.transform, self.binning.scale)
         if present is not None:
             present = np.asarray(present, dtype=bool)
             if present.shape != values.shape:
@@ -269,12 +323,12 @@ class ScalarTokenizer(Tokenizer):
 
     # -- persistence
     def get_config(self) -> dict[str, Any]:
-        return {"modality": self.modality, "binning": self.binning.config()}
+        return {"modality": self.modality, "binning": self.binning.config(), "fine_bins": self.fine_bins}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ScalarTokenizer:
         try:
-            return cls(config["modality"], binning_from_config(config["binning"]))
+            return cls(config["modality"], binning_from_config(config["binning"]), config.get("fine_bins", 0))
         except KeyError as err:
             raise ValueError(f"scalar tokenizer config lacks {err.args[0]!r}") from None
 
@@ -330,7 +384,8 @@ def fit_scalar_tokenizers(data_root: str | os.PathLike,
                 columns.append(mod.error_field)
         for name in use:
             spec = rec.binning_for(name)
-            toks[name] = ScalarTokenizer(name, spec.build(rec.n_bins, rec.reservoir_size, rec.seed))
+            toks[name] = ScalarTokenizer(name, spec.build(rec.n_bins, rec.reservoir_size, rec.seed),
+                                         fine_bins=spec.fine_bins)
         for batch in iter_mmu_hdf5(data_root, survey, batch_size=rec.batch_size, columns=list(dict.fromkeys(columns))):
             for name in use:
                 sb = batch.modalities.get(name)
@@ -371,6 +426,57 @@ def load_scalar_tokenizers(directory: str | os.PathLike) -> dict[str, ScalarToke
 
 
 # ------------------------------------------------------------------------------ metrics
+def read_scalar_batches(root: str | os.PathLike, names: list[str], max_objects: int | None = None,
+                        ) -> dict[str, ScalarBatch]:
+    """Every row (or the first ``max_objects`` per survey) of the given scalar modalities, one batch each."""
+    by_survey: dict[str, list[str]] = {}
+    for name in names:
+        by_survey.setdefault(registry.modality(name).survey, []).append(name)
+    out: dict[str, ScalarBatch] = {}
+    for survey, mods in by_survey.items():
+        if not (Path(root) / survey).is_dir():
+            continue
+        parts: dict[str, list[ScalarBatch]] = {m: [] for m in mods}
+        n = 0
+        for batch in iter_mmu_hdf5(root, survey, batch_size=8192):
+            for m in mods:
+                sb = batch.modalities.get(m)
+                if isinstance(sb, ScalarBatch):
+                    parts[m].append(sb)
+            n += len(batch)
+            if max_objects is not None and n >= max_objects:
+                break
+        for m, pieces in parts.items():
+            if pieces:
+                ivar = None if pieces[0].ivar is None else np.concatenate([p.ivar for p in pieces])[:max_objects]
+                out[m] = ScalarBatch(name=m, values=np.concatenate([p.values for p in pieces])[:max_objects],
+                                     ivar=ivar)
+    return out
+
+
+def evaluate_scalar_tokenizers(directory: str | os.PathLike, data_dir: str | os.PathLike,
+                               out_dir: str | os.PathLike, max_objects: int | None = None) -> dict[str, Any]:
+    """:func:`quantization_report` of every saved scalar tokenizer on (held-out) data.
+
+    Writes ``out_dir/metrics.json`` and ``out_dir/quantization.txt`` (the table).
+    """
+    toks = load_scalar_tokenizers(directory)
+    if not toks:
+        raise FileNotFoundError(f"{directory}: no saved scalar tokenizers")
+    data = read_scalar_batches(data_dir, sorted(toks), max_objects)
+    reports = [quantization_report(toks[name], data[name]) for name in sorted(toks) if name in data]
+    if not reports:
+        raise ValueError(f"{data_dir}: none of the tokenizers' modalities {sorted(toks)} are in the data")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"tokenizer_dir": str(directory), "data_dir": str(data_dir), "target_ratio": TARGET_RATIO,
+               "missing_in_data": sorted(set(toks) - set(data)),
+               "reports": {r["modality"]: r for r in reports}}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "quantization.txt").write_text(format_report_table(reports) + "\n")
+    return metrics
+
+
 def quantization_report(tokenizer: ScalarTokenizer, batch: ScalarBatch) -> dict[str, Any]:
     """What encode -> decode loses on ``batch``, against the data's own measurement error.
 
@@ -378,7 +484,7 @@ def quantization_report(tokenizer: ScalarTokenizer, batch: ScalarBatch) -> dict[
     ``1/sqrt(ivar)`` (the reader turns sigma columns into ivar); ``ratio`` = their quotient
     (target: below ``TARGET_RATIO``); ``rms_over_sigma`` = RMS of the error in units of each
     object's own sigma; ``optimal_ratio`` = the same ratio for the best any
-    ``vocab_size``-level quantizer could do on these values (:func:`optimal_rms_error`);
+    quantizer with as many levels (``n_bins`` x ``fine_bins``) could do on these values (:func:`optimal_rms_error`);
     ``rms_error_in_range`` leaves out values beyond the fitted range, which are counted in
     ``clipped_below`` / ``clipped_above``; ``token_bits`` is the entropy of the tokens used
     (10 bits = all 1024 equally often). Sigma-based entries are None for fields without an
@@ -397,7 +503,9 @@ def quantization_report(tokenizer: ScalarTokenizer, batch: ScalarBatch) -> dict[
         return float(np.sqrt(np.mean(a * a))) if a.size else None
 
     report: dict[str, Any] = {
-        "modality": tokenizer.modality, "binning": _describe(tokenizer.binning), "n": len(batch),
+        "modality": tokenizer.modality,
+        "binning": _describe(tokenizer.binning) + (f" +{tokenizer.fine_bins} fine" if tokenizer.fine_bins else ""),
+        "n": len(batch),
         "n_valid": int(valid.sum()), "rms_error": rms(d), "rms_error_in_range": rms(d[in_range]),
         "value_std": float(np.std(x)) if x.size else None,
         "median_sigma": None, "ratio": None, "rms_over_sigma": None, "optimal_ratio": None, "passes": None,
@@ -406,10 +514,11 @@ def quantization_report(tokenizer: ScalarTokenizer, batch: ScalarBatch) -> dict[
     }
     if batch.ivar is not None and x.size:
         sigma = 1.0 / np.sqrt(batch.ivar[valid])
+        levels = tokenizer.binning.n_bins * max(1, tokenizer.fine_bins)
         med = float(np.median(sigma))
         ratio = report["rms_error"] / med
         report.update(median_sigma=med, ratio=ratio, rms_over_sigma=rms(d / sigma),
-                      optimal_ratio=optimal_rms_error(x, tokenizer.vocab_size) / med,
+                      optimal_ratio=optimal_rms_error(x, levels) / med,
                       passes=bool(ratio < TARGET_RATIO))
     return report
 

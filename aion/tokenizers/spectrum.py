@@ -53,7 +53,7 @@ from torch import nn
 
 from aion.config import from_dict, load_yaml, to_dict
 from aion.data.batches import SpectrumBatch
-from aion.tokenizers.base import Tokenizer, load_tokenizer, register_tokenizer
+from aion.tokenizers.base import Tokenizer, check_recipe_kind, load_tokenizer, register_tokenizer
 from aion.tokenizers.quantizers import FSQ, LFQ
 from aion.tokenizers.trainer import TrainConfig, train
 
@@ -600,9 +600,14 @@ class SpectrumDataConfig:
 
 @dataclass(kw_only=True)
 class SpectrumRecipe:
+    kind: str = "spectrum"
+    """Which trainer the recipe is for (``aion tokenizer train`` dispatches on it)."""
     tokenizer: SpectrumTokenizerConfig = field(default_factory=SpectrumTokenizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: SpectrumDataConfig = field(default_factory=SpectrumDataConfig)
+
+    def __post_init__(self) -> None:
+        check_recipe_kind(self.kind, "spectrum")
 
 
 def load_recipe(recipe: PathLike | dict[str, Any] | SpectrumRecipe) -> SpectrumRecipe:

@@ -136,7 +136,8 @@ def train(model: nn.Module, get_batch: Callable[[np.ndarray], Any], n_train: int
     bar.close()
     log.close()
     model.eval()
-    final = {"loss": float(loss.detach()) if cfg.steps > start else float("nan"), **{k: float(v) for k, v in metrics.items()}}
+    final = {"loss": float(loss.detach()) if cfg.steps > start else float("nan"),
+             **{k: float(v) for k, v in metrics.items()}}
     if validate is not None:
         final.update({f"val_{k}": v for k, v in validate(model).items()})
     return final
