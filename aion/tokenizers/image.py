@@ -852,6 +852,11 @@ def evaluate_image_tokenizer(tokenizer_dir: str | os.PathLike, data_dir: str | o
         r["targets_met"] = {
             "reduced_chi2_0.8_1.3": 0.8 <= r["reduced_chi2"] <= 1.3,
             "rms_vs_truth_below_noise": r["rms_vs_truth_over_noise"] < 1.0,
+            # the criterion: unbiased aperture flux, |median bias| < 2% in every band
+            "aperture_bias_below_2pct_every_band": bool(rel.size) and all(
+                abs(b) < 0.02 for b in r["aperture_per_band_median_rel_bias"].values()),
+            # stricter, per object: the typical |error| (the noisy input itself scores
+            # aperture_noisy_input_median_abs_rel_error on this)
             "aperture_abs_error_below_2pct": bool(rel.size) and r["aperture_median_abs_rel_error"] < 0.02,
         }
         results[survey] = r
