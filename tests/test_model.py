@@ -82,28 +82,28 @@ def tiny(seed: int = 0, **overrides) -> FourM:
 
 
 def test_learns_a_cross_modal_map():
-    """b[p] = (5 a[p] + p) mod 16: predictable from the inputs only through cross-attention."""
+    """b[p] = (5 a[p] + p) mod 16 over 4 positions: predictable from the inputs only by matching
+    the decoder's position queries to the encoder's positions through cross-attention."""
+    table = {"a": ModalitySpec(num_tokens=4, vocab_size=16), "b": ModalitySpec(num_tokens=4, vocab_size=16)}
     torch.manual_seed(0)
-    model = tiny()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    pos = torch.arange(8).expand(64, 8)
-
-    def batch():
-        a = torch.randint(0, 16, (64, 8))
-        ones = torch.ones(64, 8, dtype=torch.bool)
-        return {"modalities": ("a", "b"), "input_tokens": a, "input_modality": torch.zeros_like(a),
-                "input_position": pos, "input_mask": ones, "target_tokens": (5 * a + pos) % 16,
-                "target_modality": torch.ones_like(a), "target_position": pos, "target_mask": ones}
+    model = FourM(preset("tiny", table))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    pos = torch.arange(4).expand(64, 4)
+    ones = torch.ones(64, 4, dtype=torch.bool)
 
     losses = []
     for _ in range(150):
-        loss = model(batch())["loss"]
+        a = torch.randint(0, 16, (64, 4))
+        batch = {"modalities": ("a", "b"), "input_tokens": a, "input_modality": torch.zeros_like(a),
+                 "input_position": pos, "input_mask": ones, "target_tokens": (5 * a + pos) % 16,
+                 "target_modality": torch.ones_like(a), "target_position": pos, "target_mask": ones}
+        loss = model(batch)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.5 * first, (first, last)
+    assert last < 0.5 * first, (first, last)  # seeds 0-3 reach 0.1-0.3 from 2.8
 
 
 def test_padding_invariance():

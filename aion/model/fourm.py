@@ -104,8 +104,9 @@ class DecoderBlock(nn.Module):
 
 
 def _key_mask(mask: Tensor) -> Tensor:
-    """Padding mask for attention keys; a row with no valid key attends to all slots instead of
-    producing NaN (its outputs are padding nobody reads: the sampler never gives targets without inputs)."""
+    """Padding mask for attention keys. A row with no valid key (an object without inputs, or
+    without targets) attends to all its slots instead of producing NaN; what that object's
+    targets would get is then meaningless, and the sampler never makes targets without inputs."""
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 

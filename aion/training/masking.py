@@ -69,7 +69,6 @@ from torch.utils.data import Dataset
 
 from aion import modalities as registry
 from aion.model.config import ModalitySpec, modality_specs_from_index
-from aion.tokenizers.pretokenize import INDEX_NAME, load_token_shard
 
 Rng = np.random.Generator | torch.Generator | int | Sequence[int]
 
@@ -318,6 +317,8 @@ class TokenShardDataset(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, modalities: Iterable[str] | None = None):
+        from aion.tokenizers.pretokenize import INDEX_NAME  # imported here: it pulls in astropy and h5py
+
         self.root = Path(root)
         path = self.root / INDEX_NAME
         if not path.is_file():
@@ -327,7 +328,7 @@ class TokenShardDataset(Dataset):
         names = sorted(table) if modalities is None else sorted(set(modalities))
         unknown = [n for n in names if n not in table]
         if unknown:
-            raise ValueError(f"{self.root}: no modality {unknown} in {INDEX_NAME}; it has {sorted(table)}")
+            raise ValueError(f"{self.root}: no modality {unknown} in {path.name}; it has {sorted(table)}")
         self.modalities: tuple[str, ...] = tuple(names)
         self.shard_names = [s["name"] for s in self.index["shards"]]
         self.offsets = np.cumsum([0] + [int(s["n"]) for s in self.index["shards"]])
@@ -347,6 +348,8 @@ class TokenShardDataset(Dataset):
 
     def _shard(self, k: int) -> dict[str, np.ndarray]:
         if k not in self._open:
+            from aion.tokenizers.pretokenize import load_token_shard
+
             arrays = load_token_shard(self.root / self.shard_names[k])
             n = int(self.offsets[k + 1] - self.offsets[k])
             for name in self.modalities:
@@ -356,7 +359,7 @@ class TokenShardDataset(Dataset):
                                             f"{name}.present.npy")
                 if arrays[name].shape != want or arrays[f"{name}.present"].shape != (n,):
                     raise ValueError(f"{self.root / self.shard_names[k]}: {name} has shape {arrays[name].shape}, "
-                                     f"{INDEX_NAME} says {want}")
+                                     f"index.json says {want}")
             self._open[k] = arrays
         return self._open[k]
 
