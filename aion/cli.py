@@ -79,6 +79,28 @@ def _cmd_tokenizer_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from aion.training.config import load_recipe, with_overrides
+    from aion.training.loop import pretrain
+
+    cfg = with_overrides(load_recipe(args.recipe), tokens=args.tokens, out_dir=args.out, steps=args.steps)
+    summary = pretrain(cfg, progress=not args.quiet, stop_at=args.stop_at)
+    if not summary["is_main_process"]:
+        return 0
+    last = summary["last"]
+    print(f"step {summary['step']} (from {summary['start_step']}) in {summary['seconds']:.1f} s; "
+          f"{summary['num_parameters'] / 1e6:.2f}M parameters; run folder {Path(summary['run_dir']).resolve()}")
+    if last:
+        print(f"  last logged: loss {last['loss']:.4f}, lr {last['lr']:.3g}, {last['tokens_per_s']:.0f} tokens/s")
+    print(f"  newest checkpoint: {summary['checkpoint']}")
+    if args.export is not None and summary["checkpoint"]:
+        from aion.training.checkpoint import export_model
+
+        out = export_model(summary["checkpoint"], args.export)
+        print(f"  exported (config.json + model.safetensors) to {out.resolve()}")
+    return 0
+
+
 def _cmd_modalities(args: argparse.Namespace) -> int:
     from aion import modalities as registry
 
@@ -141,6 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--max-objects", type=int, default=None)
     p.set_defaults(func=_cmd_tokenizer_eval)
+
+    p = sub.add_parser("pretrain", help="masked multimodal pretraining from a training/*.yaml recipe "
+                       "(run under accelerate launch / torchrun for several processes)")
+    p.add_argument("--recipe", type=Path, required=True, help="training recipe, e.g. training/tiny_cpu.yaml")
+    p.add_argument("--tokens", type=Path, default=None,
+                   help="pre-tokenized root (aion tokenize output); replaces the recipe's data.datasets")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: the recipe's runtime.out_dir); "
+                   "rerun the same command to resume from its newest complete checkpoint")
+    p.add_argument("--steps", type=int, default=None, help="schedule length in optimizer steps (optim.steps)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop (and checkpoint) after this step; the LR schedule still spans --steps")
+    p.add_argument("--export", type=Path, default=None,
+                   help="after training, export the newest checkpoint (config.json + model.safetensors) here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("modalities", help="list the registered modalities")
     p.add_argument("--json", action="store_true")
