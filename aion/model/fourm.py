@@ -7,8 +7,9 @@ and targets is decided outside the model, by :mod:`aion.training.masking`, whose
 format (documented there) is exactly what :meth:`FourM.forward` consumes.
 
 - **Embeddings.** An input token is ``token_emb[m](id) + modality_emb[m] + position_emb[m][p]``:
-  one token table per modality (each with its own vocabulary), a learned modality vector and
-  learned positions (``num_tokens`` of them per modality). There is no sequence order: the
+  one token table per modality (each with its own vocabulary; stored as row ranges of one
+  table so a batch is embedded by a single lookup), a learned modality vector and learned
+  positions (``num_tokens`` of them per modality). There is no sequence order: the
   model is permutation-equivariant and the position embedding is all it knows of where a
   token sits in its image grid or spectrum.
 - **Encoder.** Pre-norm self-attention blocks over the visible input tokens only.
@@ -123,7 +124,10 @@ class FourM(nn.Module):
         num_tokens, total = torch.tensor(counts), sum(counts)
         d = cfg.dim
 
-        self.token_emb = nn.ModuleDict({n: nn.Embedding(s.vocab_size, d) for n, s in specs.items()})
+        # Token tables of all modalities in one: modality m owns rows vocab_offset[m] .. + vocab_size[m] - 1.
+        vocab = torch.tensor([s.vocab_size for s in specs.values()])
+        self.token_emb = nn.Embedding(sum(s.vocab_size for s in specs.values()), d)
+        self.register_buffer("vocab_offset", torch.cumsum(vocab, 0) - vocab, persistent=False)
         # Modality and position embeddings, separately for the encoder (added to token content)
         # and the decoder (they are the whole query). Positions of all modalities live in one
         # table: modality m owns rows pos_offset[m] .. pos_offset[m] + num_tokens[m] - 1.
@@ -199,10 +203,8 @@ class FourM(nn.Module):
         return block(*args)
 
     def _encode(self, tokens: Tensor, mod: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
-        x = torch.zeros(*tokens.shape, self.cfg.dim, dtype=self.enc_pos_emb.dtype, device=tokens.device)
-        for i, name in enumerate(self.names):
-            sel = mask & (mod == i)
-            x[sel] = self.token_emb[name](tokens[sel])
+        rows = torch.where(mask, tokens + self.vocab_offset[mod], 0)
+        x = self.token_emb(rows) * mask[..., None].to(self.token_emb.weight.dtype)
         x = x + self.enc_modality_emb(mod) + self.enc_pos_emb[self.pos_offset[mod] + pos]
         keys = _key_mask(mask)
         for block in self.encoder:
@@ -216,8 +218,19 @@ class FourM(nn.Module):
             x = self._run(block, x, keys, context, context_keys)
         return self.dec_norm(x)
 
-    def _heads(self, h: Tensor, mod: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        return {name: self.to_logits[name](h[mask & (mod == i)]) for i, name in enumerate(self.names)}
+    def _group(self, mod: Tensor, mask: Tensor) -> tuple[Tensor, list[int]]:
+        """Valid target slots sorted by modality (row-major within each), and the count per modality.
+
+        One host sync per batch (the counts) instead of one boolean selection per modality.
+        """
+        key = torch.where(mask, mod, len(self.names)).flatten()
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=len(self.names) + 1).tolist()
+        return order[: sum(counts[:-1])], counts[:-1]
+
+    def _heads(self, h: Tensor, order: Tensor, counts: list[int]) -> dict[str, Tensor]:
+        parts = torch.split(h.flatten(0, 1)[order], counts)
+        return {name: self.to_logits[name](part) for name, part in zip(self.names, parts, strict=True)}
 
     def encode(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Encoder output (B, N_in, dim), final norm applied, and its validity mask (B, N_in):
@@ -233,11 +246,12 @@ class FourM(nn.Module):
         """
         return self._logits_and_targets(batch)[0]
 
-    def _logits_and_targets(self, batch: Batch) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]:
+    def _logits_and_targets(self, batch: Batch) -> tuple[dict[str, Tensor], tuple]:
         context, context_mask = self.encode(batch)
         target = self._side(batch, "target")
         _, mod, pos, mask = target
-        return self._heads(self._decode(mod, pos, mask, context, context_mask), mod, mask), target
+        order, counts = self._group(mod, mask)
+        return self._heads(self._decode(mod, pos, mask, context, context_mask), order, counts), (*target, order, counts)
 
     def forward(self, batch: Batch) -> dict[str, Tensor | dict[str, Tensor]]:
         """Loss on a packed batch.
@@ -248,19 +262,17 @@ class FourM(nn.Module):
         (order ``self.names``), ``token_loss`` (B, N_target) float32 cross-entropy per target
         slot (0 at padding), and ``logits`` as from :meth:`logits_for`.
         """
-        logits, (tokens, mod, _, mask) = self._logits_and_targets(batch)
-        token_loss = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
-        sums = []
-        for i, name in enumerate(self.names):
-            sel = mask & (mod == i)
-            ce = F.cross_entropy(logits[name].float(), tokens[sel], reduction="none")
-            token_loss[sel] = ce
-            sums.append(ce.sum())
-        counts = torch.zeros(len(self.names), device=tokens.device).scatter_add_(
-            0, mod.flatten(), mask.flatten().float())
-        mean = torch.stack(sums) / counts.clamp(min=1)
-        present = counts > 0
-        loss = (mean * present).sum() / present.sum().clamp(min=1)
-        per_modality = {self.names[i]: mean[i] for i in present.nonzero().flatten().tolist()}
-        return {"loss": loss, "loss_per_modality": per_modality, "target_counts": counts,
-                "token_loss": token_loss, "logits": logits}
+        logits, (tokens, _, _, _, order, counts) = self._logits_and_targets(batch)
+        labels = torch.split(tokens.flatten()[order], counts)
+        ces = [F.cross_entropy(logits[name].float(), y, reduction="none") for name, y in zip(self.names, labels,
+                                                                                            strict=True)]
+        token_loss = torch.zeros(tokens.numel(), dtype=torch.float32, device=tokens.device)
+        token_loss[order] = torch.cat(ces)
+        per_modality = {name: ce.mean() for name, ce, n in zip(self.names, ces, counts, strict=True) if n}
+        # Heads of modalities without targets ran on empty inputs; their (zero) sums keep them in
+        # the graph, so every parameter gets a gradient and DDP needs no find_unused_parameters.
+        unused = sum((ce.sum() for ce, n in zip(ces, counts, strict=True) if not n), token_loss.new_zeros(()))
+        loss = (torch.stack(list(per_modality.values())).mean() if per_modality else 0.0) + unused
+        target_counts = torch.tensor(counts, dtype=torch.float32, device=tokens.device)
+        return {"loss": loss, "loss_per_modality": per_modality, "target_counts": target_counts,
+                "token_loss": token_loss.view(tokens.shape), "logits": logits}

@@ -32,9 +32,9 @@ from aion.config import to_dict
 from aion.data.batches import SurveyBatch
 from aion.data.crossmatch import crossmatch
 from aion.data.mmu import SurveyShards, columns_to_survey_batch
+from aion.data.token_shards import INDEX_NAME, load_token_shard  # noqa: F401  (re-exported)
 from aion.tokenizers.base import CONFIG_NAME, Tokenizer, load_tokenizer
 
-INDEX_NAME = "index.json"
 CONFIG_FILE = "pretokenize_config.json"
 
 
@@ -217,10 +217,3 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def load_token_shard(shard_dir: str | os.PathLike, mmap: bool = True) -> dict[str, np.ndarray]:
-    """All arrays of one shard, memory-mapped by default."""
-    shard_dir = Path(shard_dir)
-    return {p.name[:-4]: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
-            for p in sorted(shard_dir.glob("*.npy"))}

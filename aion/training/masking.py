@@ -317,7 +317,7 @@ class TokenShardDataset(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, modalities: Iterable[str] | None = None):
-        from aion.tokenizers.pretokenize import INDEX_NAME  # imported here: it pulls in astropy and h5py
+        from aion.data.token_shards import INDEX_NAME
 
         self.root = Path(root)
         path = self.root / INDEX_NAME
@@ -348,7 +348,7 @@ class TokenShardDataset(Dataset):
 
     def _shard(self, k: int) -> dict[str, np.ndarray]:
         if k not in self._open:
-            from aion.tokenizers.pretokenize import load_token_shard
+            from aion.data.token_shards import load_token_shard
 
             arrays = load_token_shard(self.root / self.shard_names[k])
             n = int(self.offsets[k + 1] - self.offsets[k])
