@@ -104,6 +104,36 @@ def model_steps(args: argparse.Namespace, device: torch.device, batch_size: int,
             "peak_mem_gib": peak_mem / 2**30, "parameters": sum(blocks)}
 
 
+def profile_steps(args: argparse.Namespace, device: torch.device, batch_size: int, steps: int = 4) -> None:
+    """Where the time of an eager step goes: the torch profiler's top kernels by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    table = realistic_table()
+    model = FourM(preset(args.preset, table, activation_checkpointing=args.activation_checkpointing)).to(device)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
+    batch = synthetic_batch(table, batch_size, INPUT_BUDGET, TARGET_BUDGET,
+                            generator=torch.Generator().manual_seed(0), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"\nprofile, batch {batch_size}, {steps} steps, top kernels by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=60))
+
+
 def real_loop(args: argparse.Namespace, device: torch.device, batch_size: int) -> dict:
     """``pretrain()`` itself for ``--loop-steps`` steps on a synthetic token root; tokens/s after the first window."""
     from aion.training.config import config_from_dict
@@ -132,7 +162,8 @@ def real_loop(args: argparse.Namespace, device: torch.device, batch_size: int) -
             / sum(r["seconds"] for r in steady),
             "mean_inputs": sum(r["input_tokens"] for r in steady) / (len(steady) * log_every * batch_size),
             "mean_targets": sum(r["target_tokens"] for r in steady) / (len(steady) * log_every * batch_size),
-            "checkpoint_s_approx": max(0.0, total - train_s), "loss": records[-1]["loss"]}
+            "checkpoint_s_approx": max(0.0, total - train_s), "loss": records[-1]["loss"],
+            "data_wait_fraction": sum(r.get("data_wait_s", 0.0) for r in steady) / sum(r["seconds"] for r in steady)}
 
 
 def main() -> None:
@@ -148,6 +179,7 @@ def main() -> None:
     parser.add_argument("--loop-objects", type=int, default=8192, help="objects in the synthetic token root")
     parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of the real loop")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a few eager steps")
     args = parser.parse_args()
     device = torch.device(args.device)
     t_start = time.perf_counter()
@@ -186,6 +218,8 @@ def main() -> None:
                   f"{r['flops_per_token'] / 1e9:>10.3f}{r['flops_per_s'] / 1e12:>9.1f}{pub:>8}"
                   f"{100 * r['flops_per_s'] / measured:>8.1f}%{r['peak_mem_gib']:>9.1f}{r['warmup_s']:>9.1f}",
                   flush=True)
+    if args.profile and results:
+        profile_steps(args, device, max(r["batch"] for r in results))
     if args.loop_steps > 0 and results:
         best = max((r for r in results if not r["compiled"]), key=lambda r: r["tokens_per_s"])
         print(f"\nreal loop (pretrain(), backend none, masking 'aion' with budgets {INPUT_BUDGET}/{TARGET_BUDGET}, "
@@ -193,7 +227,8 @@ def main() -> None:
         loop = real_loop(args, device, best["batch"])
         print(f"  {loop['tokens_per_s']:.0f} tokens/s (real tokens; {loop['mean_inputs']:.0f} inputs + "
               f"{loop['mean_targets']:.0f} targets per object on average), loss {loop['loss']:.3f}, "
-              f"final checkpoint + setup ~{loop['checkpoint_s_approx']:.1f} s, total {loop['total_s']:.1f} s")
+              f"final checkpoint + setup ~{loop['checkpoint_s_approx']:.1f} s, total {loop['total_s']:.1f} s, "
+              f"waiting for data {100 * loop['data_wait_fraction']:.0f}% of the time")
         results.append({"real_loop": loop})
     print(f"\nJSON {json.dumps(results)}")
     print(f"# total {time.perf_counter() - t_start:.0f} s")

@@ -252,6 +252,7 @@ class Pretrainer:
         record: dict[str, Any] = {}
         grad_norm: float | None = None
         t_window, t_start = time.perf_counter(), time.perf_counter()
+        data_wait = 0.0  # seconds this process waited for the data loader in the current log window
         self.model.train()
         acc.step = 0
         try:
@@ -259,7 +260,9 @@ class Pretrainer:
                 for group, base in zip(self._opt.param_groups, self._sched.base_lrs, strict=True):
                     group["lr"] = base * lr_factor(step, optim)
                 for _ in range(optim.grad_accum_steps):
+                    t_wait = time.perf_counter()
                     batch = next(batches)
+                    data_wait += time.perf_counter() - t_wait
                     if batch["step"] != step:
                         raise RuntimeError(f"data loader out of step: got a batch of step {batch['step']} at {step}")
                     n_in, n_tgt = int(batch["num_inputs"].sum()), int(batch["num_targets"].sum())
@@ -286,6 +289,8 @@ class Pretrainer:
                 if done % rt.log_every == 0 or done == end:
                     now = time.perf_counter()
                     record = self._record(window, done, grad_norm, now - t_window)
+                    record["data_wait_s"] = data_wait  # main process only: > ~10% of seconds = input-bound
+                    data_wait = 0.0
                     window.zero_()
                     t_window = now
                     if log is not None:

@@ -17,11 +17,13 @@ Strategies (``MaskingConfig.strategy``):
 - ``"aion"`` (AION-1): an *anchor* modality is drawn uniformly among the present input
   modalities and a uniform number ``1..min(input_budget, its tokens)`` of its tokens become
   inputs; the rest of the input budget is filled with tokens drawn uniformly from the other
-  present input modalities (pooled). The number of targets is ``ceil(f * n_max)`` (at least 1)
-  with ``f ~ Beta(*target_beta)`` and ``n_max = min(target_budget, tokens left)``, drawn
-  uniformly from all present tokens not used as inputs. The default ``Beta(0.5, 2)`` has mean
-  0.2 and a density that diverges at 0: mostly few targets (cheap steps on which 1-2-token
-  scalars are not outnumbered by one image's tokens), with a tail up to the full budget.
+  present input modalities (pooled). Targets: every present modality with tokens left asks for
+  ``max(1, ceil(f_m * tokens_left_m))`` of them, ``f_m ~ Beta(*target_beta)`` drawn per
+  modality (the default ``Beta(0.5, 2)``, mean 0.2, is skewed towards few), and when the asks
+  exceed ``target_budget`` they are scaled down in proportion (:func:`split_budget`). So each
+  scalar left over is usually a target (1 token asks for 1), an image or spectrum contributes a
+  skewed share, and the budget is normally used in full: a padded decoder slot costs as much
+  compute as a real one, so a skewed *total* would waste most of every batch.
 - ``"dirichlet"`` (4M): weights ``w ~ Dirichlet(alpha)`` over the present input modalities
   split the input budget, and independent weights over all present modalities split the
   target budget among the tokens not used as inputs; within a modality positions are uniform.
@@ -202,11 +204,12 @@ class MaskingSampler:
         others = {n: np.arange(sizes[n]) for n in can_input if n != anchor}
         inputs.update(_draw_pooled(others, cfg.input_budget - n_anchor, rng))
         left = _remaining(sizes, inputs)
-        n_max = min(cfg.target_budget, sum(len(p) for p in left.values()))
         targets = {}
-        if n_max > 0:
-            frac = rng.beta(*cfg.target_beta)
-            targets = _draw_pooled(left, min(n_max, max(1, math.ceil(frac * n_max))), rng)
+        if left and cfg.target_budget > 0:
+            names = list(left)
+            want = np.array([max(1, math.ceil(rng.beta(*cfg.target_beta) * len(left[n]))) for n in names])
+            counts = split_budget(cfg.target_budget, want.astype(float), want)
+            targets = {n: rng.choice(left[n], int(c), replace=False) for n, c in zip(names, counts, strict=True) if c}
         return _sorted(inputs), _sorted(targets)
 
     def _dirichlet(self, sizes: dict[str, int], can_input: list[str], rng: np.random.Generator):
