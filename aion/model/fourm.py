@@ -173,6 +173,13 @@ class FourM(nn.Module):
         return sum(p.numel() for n, p in self.named_parameters()
                    if not (exclude_embeddings and n.startswith(skip)))
 
+    def compile_blocks(self, **kwargs) -> FourM:
+        """``torch.compile`` every encoder and decoder block in place (one graph shared by all blocks
+        of a kind); the data-dependent embedding and head code stays eager. Returns ``self``."""
+        for block in [*self.encoder, *self.decoder]:
+            block.compile(**kwargs)
+        return self
+
     # ------------------------------------------------------------------ batch checks
     def _side(self, batch: Batch, side: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(tokens, model modality index, position, mask) of ``side`` ("input" | "target"), validated."""

@@ -146,6 +146,9 @@ class RuntimeConfig:
     out_dir: str = "runs/pretrain"
     consolidate_on_save: bool = True
     """DeepSpeed / FSDP: also write the full fp32 ``model.safetensors`` in each checkpoint (export reads it)."""
+    compile_blocks: bool = False
+    """``torch.compile`` each transformer block (fuses norms, casts and activations; the per-modality
+    embedding and head code stays eager). First steps pay the compilation (a minute or so)."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -200,6 +200,8 @@ class Pretrainer:
         _seed_everything(rt.seed)
         self.model_cfg: ModelConfig = build_config(cfg.model, self.specs)
         model = FourM(self.model_cfg)
+        if rt.compile_blocks:
+            model.compile_blocks()
         self.names = model.names
         self.num_parameters = model.num_parameters()
         self._opt = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
