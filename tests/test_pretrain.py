@@ -335,6 +335,10 @@ def _deepspeed_problem() -> str | None:
         import deepspeed  # noqa: F401
     except Exception as err:  # noqa: BLE001 - any import failure means: cannot run here
         return f"deepspeed import failed: {type(err).__name__}: {err}"
+    import shutil
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:  # its CPU comm op is JIT-compiled
+        return "no C++ compiler on PATH: DeepSpeed cannot build its CPU communication op"
     return None
 
 
