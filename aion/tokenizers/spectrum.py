@@ -98,6 +98,10 @@ class SpectrumTokenizerConfig:
     """Weight of the LFQ aux loss (entropy + commitment)."""
     holdout_fraction: float = 0.0
     """Blind-spot training: fraction of valid pixels hidden from the encoder and scored (0 = plain chi^2)."""
+    seen_chi2_weight: float = 0.0
+    """With blind-spot training, also score the pixels the encoder saw, with this weight: their chi^2
+    gives narrow emission lines a direct gradient (held-out pixels alone rarely hit a line), at the
+    price of some noise fitting."""
     max_abs_input: float = 1e3
     """Normalised input flux is clipped to +-this before the network (guards faint, near-zero medians)."""
 
@@ -122,6 +126,8 @@ class SpectrumTokenizerConfig:
             raise ValueError(f"last width {self.widths[-1]} must be divisible by attn_heads={self.attn_heads}")
         if not 0 <= self.holdout_fraction < 1:
             raise ValueError(f"holdout_fraction: expected 0 <= x < 1, got {self.holdout_fraction}")
+        if self.seen_chi2_weight < 0:
+            raise ValueError(f"seen_chi2_weight: expected >= 0, got {self.seen_chi2_weight}")
 
     @property
     def downsample(self) -> int:
@@ -352,13 +358,20 @@ class SpectrumAutoencoder(nn.Module):
         else:
             seen = scored = valid
         pred, indices, z = self(flux, ivar, seen)
-        chi = ivar * (pred - flux) ** 2 * scored
-        n = scored.sum(dim=1)
-        has = n > 0
-        per_spec = chi.sum(dim=1) / n.clamp_min(1)
-        chi2 = (per_spec * has).sum() / has.sum().clamp_min(1)
+        sq = ivar * (pred - flux) ** 2
+
+        def mean_chi2(pixels: torch.Tensor) -> torch.Tensor:
+            n = pixels.sum(dim=1)
+            has = n > 0
+            return ((sq * pixels).sum(dim=1) / n.clamp_min(1) * has).sum() / has.sum().clamp_min(1)
+
+        chi2 = mean_chi2(scored)
         loss = chi2
         metrics = {"chi2": float(chi2.detach())}
+        if self.training and self.cfg.holdout_fraction > 0 and self.cfg.seen_chi2_weight > 0:
+            seen_chi2 = mean_chi2(seen)
+            loss = loss + self.cfg.seen_chi2_weight * seen_chi2
+            metrics["seen_chi2"] = float(seen_chi2.detach())
         if isinstance(self.quantizer, LFQ) and self.cfg.entropy_weight > 0:
             aux = self.quantizer.aux_loss(z)
             loss = loss + self.cfg.entropy_weight * aux
