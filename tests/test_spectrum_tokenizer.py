@@ -201,6 +201,27 @@ def test_short_training_makes_the_loss_fall(tmp_path):
     assert not tok.model.training
 
 
+def test_blind_spot_loss_scores_held_out_pixels_and_optionally_the_seen_ones():
+    data = _tiny_training_set(tiny(), 16, seed=5)
+    batch = {k: v for k, v in data.items() if k != "amp_index"}
+    plain = tiny(holdout_fraction=0.3)
+    mixed = tiny(holdout_fraction=0.3, seen_chi2_weight=0.5)
+    mixed.model.load_state_dict(plain.model.state_dict())
+    plain.model.train()
+    mixed.model.train()
+    torch.manual_seed(1)
+    loss_plain, m_plain = plain.model.loss(batch)
+    torch.manual_seed(1)  # same held-out pixels
+    loss_mixed, m_mixed = mixed.model.loss(batch)
+    assert "seen_chi2" not in m_plain and m_mixed["chi2"] == pytest.approx(m_plain["chi2"])
+    expected = float(loss_plain.detach()) + 0.5 * m_mixed["seen_chi2"]
+    assert float(loss_mixed.detach()) == pytest.approx(expected, rel=1e-5)
+    mixed.model.eval()  # evaluation scores every valid pixel, no extra term
+    assert "seen_chi2" not in mixed.model.loss(batch)[1]
+    with pytest.raises(ValueError, match="seen_chi2_weight"):
+        SpectrumTokenizerConfig(**{**TINY, "seen_chi2_weight": -1.0})
+
+
 # ----------------------------------------------------------------------------- persistence / contract
 def test_save_load_round_trip_and_inputs_untouched(tmp_path):
     tok = tiny(quantizer="fsq", fsq_levels=(5, 4, 3))
