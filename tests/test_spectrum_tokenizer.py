@@ -222,6 +222,22 @@ def test_blind_spot_loss_scores_held_out_pixels_and_optionally_the_seen_ones():
         SpectrumTokenizerConfig(**{**TINY, "seen_chi2_weight": -1.0})
 
 
+def test_noise_pair_loss_scores_the_other_draw():
+    data = _tiny_training_set(tiny(), 8, seed=6)
+    batch = {k: v for k, v in data.items() if k != "amp_index"}
+    tok = tiny(holdout_fraction=0.3)  # ignored when a target draw is given
+    tok.model.train()
+    noise = torch.randn_like(batch["flux"]) / batch["ivar"].clamp_min(1e-6).sqrt()
+    paired = {**batch, "target_flux": batch["flux"] + noise, "target_ivar": batch["ivar"],
+              "target_valid": batch["valid"]}
+    loss, metrics = tok.model.loss(paired)
+    with torch.no_grad():
+        pred, _, _ = tok.model(batch["flux"], batch["ivar"], batch["valid"])
+    sq = batch["ivar"] * (pred - paired["target_flux"]) ** 2 * batch["valid"]
+    expected = (sq.sum(1) / batch["valid"].sum(1)).mean()
+    assert metrics["chi2"] == pytest.approx(float(expected), rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- persistence / contract
 def test_save_load_round_trip_and_inputs_untouched(tmp_path):
     tok = tiny(quantizer="fsq", fsq_levels=(5, 4, 3))

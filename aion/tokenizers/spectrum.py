@@ -352,6 +352,15 @@ class SpectrumAutoencoder(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """ivar-weighted chi^2 per valid pixel (normalised flux), averaged over spectra, + aux loss."""
         flux, ivar, valid = batch["flux"], batch["ivar"], batch["valid"]
+        if "target_flux" in batch:  # noise2noise: score an independent draw of the same spectrum
+            pred, indices, z = self(flux, ivar, valid)
+            t_valid = batch["target_valid"]
+            sq_t = batch["target_ivar"] * (pred - batch["target_flux"]) ** 2
+            n = t_valid.sum(dim=1)
+            has = n > 0
+            chi2 = ((sq_t * t_valid).sum(dim=1) / n.clamp_min(1) * has).sum() / has.sum().clamp_min(1)
+            metrics = {"chi2": float(chi2.detach()), "codes_used": float(torch.unique(indices).numel())}
+            return chi2 + self._aux(z, metrics), metrics
         if self.training and self.cfg.holdout_fraction > 0:
             hold = torch.rand(valid.shape, device=valid.device) < self.cfg.holdout_fraction
             seen, scored = valid & ~hold, valid & hold
@@ -372,12 +381,15 @@ class SpectrumAutoencoder(nn.Module):
             seen_chi2 = mean_chi2(seen)
             loss = loss + self.cfg.seen_chi2_weight * seen_chi2
             metrics["seen_chi2"] = float(seen_chi2.detach())
+        metrics["codes_used"] = float(torch.unique(indices).numel())
+        return loss + self._aux(z, metrics), metrics
+
+    def _aux(self, z: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor | float:
         if isinstance(self.quantizer, LFQ) and self.cfg.entropy_weight > 0:
             aux = self.quantizer.aux_loss(z)
-            loss = loss + self.cfg.entropy_weight * aux
             metrics["aux"] = float(aux.detach())
-        metrics["codes_used"] = float(torch.unique(indices).numel())
-        return loss, metrics
+            return self.cfg.entropy_weight * aux
+        return 0.0
 
 
 # ============================================================================ tokenizer
@@ -609,6 +621,12 @@ class SpectrumDataConfig:
     chi^2 next to pixel noise, so a conv net learns them last; oversampling brings them forward."""
     feature_threshold: float = 0.05
     """Excess reduced chi^2 about a running median above which a spectrum counts as featured."""
+    noise_pairs: bool = False
+    """Noise2noise training (mock only): every training spectrum (the survey's, re-simulated from its
+    truth row, and the extra ones) comes as two independent noise draws of one noiseless spectrum;
+    the encoder reads one and the loss scores the other, so lines get a full gradient while noise,
+    unpredictable from the other draw, is not rewarded. Real surveys offer the same with split
+    exposures of one object. Replaces blind-spot training (holdout_fraction is ignored)."""
 
 
 @dataclass(kw_only=True)
@@ -676,6 +694,35 @@ def _read_truth(data_dir: PathLike) -> dict[str, np.ndarray]:
 
     shards = SurveyShards(data_dir, "truth")
     return concat_rows(list(shards.iter_raw(4096)))
+
+
+def simulate_noise_pairs(data_dir: PathLike, n_extra: int, min_r_flux: float, seed: int,
+                         ) -> tuple[SpectrumBatch, SpectrumBatch]:
+    """Two independent noisy draws of the noiseless DESI-like spectrum of every DESI-targeted truth row
+    and of ``n_extra`` untargeted ones (mock data only)."""
+    from aion.mock import spectra as mock_spectra
+    from aion.mock.universe import noiseless_desi_spectra
+
+    truth = _read_truth(data_dir)
+    desi_id = np.asarray(truth["desi_object_id"])
+    r_flux = np.asarray(truth["LEGACY_FLUX_TRUE"])[:, 1]
+    rng = np.random.default_rng([seed, 11])
+    pool = np.nonzero((desi_id < 0) & (r_flux > min_r_flux))[0]
+    extra = rng.choice(pool, size=min(n_extra, pool.size), replace=False)
+    rows = np.sort(np.concatenate([np.nonzero(desi_id >= 0)[0], extra]))
+    draws: list[list[tuple]] = [[], []]
+    for s in range(0, rows.size, 128):
+        sub = {k: np.asarray(v)[rows[s:s + 128]] for k, v in truth.items()}
+        clean = noiseless_desi_spectra(sub)
+        expo = np.exp(rng.normal(0, 0.25, clean.shape[0]))
+        for d in draws:
+            d.append(mock_spectra.observe(clean, rng, expo))
+    wave = mock_spectra.desi_wavelength()
+    out = []
+    for d in draws:
+        out.append(SpectrumBatch(flux=np.concatenate([f for f, _, _ in d]), ivar=np.concatenate([i for _, i, _ in d]),
+                                 wavelength=wave, valid=~np.concatenate([m for _, _, m in d])))
+    return out[0], out[1]
 
 
 def simulate_extra_spectra(data_dir: PathLike, n: int, min_r_flux: float, seed: int) -> SpectrumBatch:
@@ -755,13 +802,27 @@ def train_spectrum_tokenizer(recipe: PathLike | dict[str, Any] | SpectrumRecipe,
     t0 = time.perf_counter()
     torch.manual_seed(rec.train.seed)
     tok = SpectrumTokenizer(rec.tokenizer)
-    spectra, _ = load_spectra(data_dir, rec.data.survey, rec.data.modality, rec.data.config, rec.data.max_spectra)
-    n_survey = len(spectra)
-    if rec.data.extra_from_truth > 0:
-        extra = simulate_extra_spectra(data_dir, rec.data.extra_from_truth, rec.data.extra_min_r_flux,
-                                       rec.train.seed)
-        spectra = _concat_spectra([spectra, extra])
+    targets = None
+    if rec.data.noise_pairs:
+        spectra, second = simulate_noise_pairs(data_dir, rec.data.extra_from_truth, rec.data.extra_min_r_flux,
+                                               rec.train.seed)
+        n_survey = 0
+    else:
+        spectra, _ = load_spectra(data_dir, rec.data.survey, rec.data.modality, rec.data.config,
+                                  rec.data.max_spectra)
+        n_survey = len(spectra)
+        if rec.data.extra_from_truth > 0:
+            extra = simulate_extra_spectra(data_dir, rec.data.extra_from_truth, rec.data.extra_min_r_flux,
+                                           rec.train.seed)
+            spectra = _concat_spectra([spectra, extra])
     prepared = tok.prepare(spectra)
+    if rec.data.noise_pairs:
+        t_flux, t_ivar, t_valid = resample_spectra(second, tok.config.edges, tok.config.min_coverage)
+        amp = tok.amplitude_value(prepared["amp_index"].numpy())[:, None]  # the input draw's amplitude
+        targets = {"target_flux": torch.from_numpy((t_flux / amp).astype(np.float32)),
+                   "target_ivar": torch.from_numpy((t_ivar * amp**2).astype(np.float32)),
+                   "target_valid": torch.from_numpy(t_valid)}
+    train_source = {**prepared, **(targets or {})}
     present = prepared["valid"].any(dim=1).numpy()
     order = np.random.default_rng([rec.train.seed, 1]).permutation(np.nonzero(present)[0])
     n_val = int(round(rec.data.val_fraction * order.size)) if order.size > 1 else 0
@@ -773,7 +834,7 @@ def train_spectrum_tokenizer(recipe: PathLike | dict[str, Any] | SpectrumRecipe,
                                        prepared["valid"][train_idx].numpy())
         repeats = np.where(excess > rec.data.feature_threshold, rec.data.feature_oversample, 1)
         train_idx = np.repeat(train_idx, repeats)
-    train_set = _subset(prepared, train_idx)
+    train_set = _subset(train_source, train_idx)
     val_set = _subset(prepared, val_idx)
     device = torch.device(rec.train.device)
     t_prep = time.perf_counter() - t0
@@ -782,7 +843,8 @@ def train_spectrum_tokenizer(recipe: PathLike | dict[str, Any] | SpectrumRecipe,
         return {k: v.to(device) for k, v in _subset(train_set, idx).items() if k != "amp_index"}
 
     def validate(model: nn.Module) -> dict[str, float]:
-        sets = {"train": _subset(train_set, np.arange(min(256, train_idx.size)))}
+        sets = {"train": {k: v for k, v in _subset(train_set, np.arange(min(256, train_idx.size))).items()
+                          if not k.startswith("target_")}}
         if val_idx.size:
             sets["heldout"] = val_set
         res = {}
