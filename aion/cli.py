@@ -114,6 +114,140 @@ def _cmd_modalities(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inference_inputs(args: argparse.Namespace, model_names: tuple[str, ...]):
+    """The object stream of ``aion embed`` / ``aion predict`` (an MMU root or a scalar table)."""
+    from aion.inference.io import iter_fits_table, iter_objects
+
+    if args.table is not None:
+        mapping = None
+        if args.column:
+            mapping = {}
+            for item in args.column:
+                col, sep, mod = item.partition("=")
+                if not sep or not col or not mod:
+                    raise SystemExit(f"error: --column {item!r}: expected COLUMN=MODALITY")
+                mapping[col] = mod
+        try:
+            return iter_fits_table(args.table, mapping, batch_size=args.batch_size, id_column=args.id_column,
+                                   modalities=model_names)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+    from aion import modalities as registry
+
+    join = list(args.join) if args.join is not None else [
+        s for s in registry.surveys() if s != args.parent and (args.data / s).is_dir()]
+    return iter_objects(args.data, [args.parent, *join], batch_size=args.batch_size, config=args.config,
+                        radius_arcsec=args.radius, modalities=model_names)
+
+
+def _load_inference_model(args: argparse.Namespace):
+    from aion.inference import AionModel
+
+    return AionModel.from_pretrained(args.model, args.tokenizers, device=args.device,
+                                     max_inputs=args.max_inputs)
+
+
+def _error_column(errors: dict[int, str], n: int) -> list[str]:
+    return [errors.get(i, "") for i in range(n)]
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from aion.inference.io import TableWriter
+
+    am = _load_inference_model(args)
+    stream = _inference_inputs(args, am.names)
+    n_err = 0
+    with TableWriter(args.out) as writer, tqdm(total=len(stream), desc="embed", unit="obj",
+                                              disable=args.quiet) as bar:
+        for ids, objects in stream:
+            n = len(ids)
+            if objects:
+                tokens, present = am.tokenize(objects)
+                res = am.embed(tokens, present, pooling=args.pooling)
+                vectors = res.pooled.float().numpy()
+                used, errors = res.tokens_used, res.errors
+            else:  # nothing the model reads in this batch
+                width = am.model.cfg.dim if args.pooling == "mean" else len(am.names) * (am.model.cfg.dim + 1)
+                vectors = np.full((n, width), np.nan, dtype=np.float32)
+                used, errors = {}, dict.fromkeys(range(n), "no input modality the model reads")
+            cols = {"object_id": ids, "embedding": vectors.astype(np.float32)}
+            for name in am.names:
+                cols[f"tokens_used_{name}"] = np.asarray(used.get(name, np.zeros(n)), dtype=np.int32)
+            cols["error"] = _error_column(errors, n)
+            writer.append(cols)
+            n_err += len(errors)
+            bar.update(n)
+    print(f"{writer.n_rows} embeddings ({args.pooling}) written to {Path(args.out).resolve()}"
+          f"{f'; {n_err} objects failed (see the error column)' if n_err else ''}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from aion.inference.io import TableWriter
+
+    am = _load_inference_model(args)
+    if args.target not in am.names:
+        raise SystemExit(f"error: --target {args.target!r} is not in this model (it has {list(am.names)})")
+    stream = _inference_inputs(args, am.names)
+    fields = ("mean", "median", "mode", "p16", "p84", "p2_5", "p97_5")
+    n_err = 0
+    with TableWriter(args.out) as writer, tqdm(total=len(stream), desc=f"predict {args.target}", unit="obj",
+                                              disable=args.quiet) as bar:
+        for ids, objects in stream:
+            n = len(ids)
+            objects = {k: v for k, v in objects.items() if k != args.target}  # never read the truth
+            cols = {"object_id": ids}
+            if objects:
+                tokens, present = am.tokenize(objects)
+                pred = am.predict_scalar(tokens, present, args.target)
+                est = pred.refined if args.refined and pred.refined is not None else pred.estimates
+                cols.update({f: np.asarray(getattr(est, f), dtype=np.float64) for f in fields})
+                errors = pred.errors
+            else:
+                cols.update({f: np.full(n, np.nan) for f in fields})
+                errors = dict.fromkeys(range(n), "no input modality the model reads")
+            cols["error"] = _error_column(errors, n)
+            writer.append(cols)
+            n_err += len(errors)
+            bar.update(n)
+    print(f"{writer.n_rows} {args.target} posteriors written to {Path(args.out).resolve()}"
+          f"{f'; {n_err} objects failed (see the error column)' if n_err else ''}")
+    return 0
+
+
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="exported model folder (config.json + model.safetensors)")
+    p.add_argument("--tokenizers", type=Path, required=True, help="directory of saved tokenizers (any depth)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, default=None, help="MMU data root (objects = rows of --parent)")
+    src.add_argument("--table", type=Path, default=None,
+                     help="FITS / ECSV catalogue of scalar columns (e.g. FLUX_G, FLUX_IVAR_G)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output table, .parquet or .fits (written to a temp file, renamed when complete)")
+    p.add_argument("--parent", default="legacysurvey", help="--data: survey whose rows are the objects")
+    p.add_argument("--join", nargs="*", default=None,
+                   help="--data: surveys cross-matched onto the parent (default: every registered survey present)")
+    p.add_argument("--config", default=None, help="--data: MMU config directory (default: all)")
+    p.add_argument("--radius", type=float, default=1.0, help="--data: cross-match radius in arcsec")
+    p.add_argument("--column", action="append", default=None, metavar="COLUMN=MODALITY",
+                   help="--table: map a column to a scalar modality (repeatable; default: columns named like "
+                        "a registered modality's field, e.g. FLUX_G -> legacysurvey_flux_g)")
+    p.add_argument("--id-column", default="object_id", help="--table: object id column (default object_id; "
+                   "the row number if the table has none)")
+    p.add_argument("--max-inputs", type=int, default=None,
+                   help="encoder input budget per object (AION-1: 256; default: no limit); larger objects "
+                        "read a deterministic subset")
+    p.add_argument("--batch-size", type=int, default=256, help="objects per batch (memory follows this)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +312,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after training, export the newest checkpoint (config.json + model.safetensors) here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("embed", help="encoder embeddings of every object of a catalogue, streamed to parquet / FITS",
+                       description="Writes object_id, embedding, tokens_used_<modality> and error (empty when "
+                                   "fine) per object, in input order. Not resumable: an interrupted run leaves "
+                                   "no output and must be restarted.")
+    _add_inference_args(p)
+    p.add_argument("--pooling", choices=("mean", "per_modality_mean"), default="mean")
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("predict", help="zero-shot posterior summaries of a scalar (e.g. a redshift) per object",
+                       description="Writes object_id, mean, median, mode, p16, p84, p2_5, p97_5 and error "
+                                   "(empty when fine) per object, in input order. Not resumable: an interrupted "
+                                   "run leaves no output and must be restarted.")
+    _add_inference_args(p)
+    p.add_argument("--target", required=True, help="scalar modality to predict, e.g. provabgs_z")
+    p.add_argument("--refined", action="store_true",
+                   help="use the fine-token refined estimates where the target tokenizer has fine bins")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("modalities", help="list the registered modalities")
     p.add_argument("--json", action="store_true")

@@ -1,0 +1,151 @@
+"""``aion embed`` / ``aion predict`` end to end on a tiny untrained FourM and a FITS catalogue."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from astropy.io import fits
+from astropy.table import Table
+
+from aion.cli import main
+from aion.data.batches import ScalarBatch
+from aion.inference.io import TableWriter, iter_fits_table
+from aion.model import FourM, ModalitySpec, preset
+from aion.tokenizers.binning import QuantileBinning
+from aion.tokenizers.scalar import ScalarTokenizer
+from aion.training.checkpoint import COMPLETE, MODEL_CONFIG, WEIGHTS, export_model, save_model_config, save_weights
+
+torch.set_num_threads(1)
+
+G, R, Z, T = "legacysurvey_flux_g", "legacysurvey_flux_r", "legacysurvey_flux_z", "provabgs_z"
+N = 11
+BAD = 4  # the object with every input missing
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("infer")
+    rng = np.random.default_rng(0)
+    train = {name: ScalarBatch(name=name, values=rng.lognormal(size=500)) for name in (G, R, Z, T)}
+    toks = {name: ScalarTokenizer(name, QuantileBinning(16), fine_bins=4 if name == T else 0).fit(b)
+            for name, b in train.items()}
+    torch.manual_seed(0)
+    model = FourM(preset("tiny", {n: ModalitySpec(num_tokens=t.num_tokens, vocab_size=t.vocab_size)
+                                  for n, t in toks.items()}, dim=16))
+    ckpt = tmp / "run" / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    save_model_config(model.cfg, ckpt / MODEL_CONFIG)
+    save_weights(model.state_dict(), ckpt / WEIGHTS)
+    (ckpt / COMPLETE).write_text('{"step": 1}')
+    model_dir = export_model(tmp / "run", tmp / "model")
+    tok_dir = tmp / "tokenizers"
+    for name, tok in toks.items():
+        tok.save_pretrained(tok_dir / name)
+    flux = {b: rng.lognormal(size=N) for b in "GRZ"}
+    for b in "GRZ":
+        flux[b][BAD] = np.nan
+    ivar_g = np.ones(N)
+    ivar_g[1] = 0.0  # object 1 lacks g through its ivar, not NaN
+    table = Table({"object_id": np.arange(1000, 1000 + N, dtype=np.int64), "FLUX_G": flux["G"],
+                   "FLUX_IVAR_G": ivar_g, "FLUX_R": flux["R"], "FLUX_Z": flux["Z"], "OTHER": np.zeros(N)})
+    path = tmp / "cat.fits"
+    table.write(path)
+    common = ["--model", str(model_dir), "--tokenizers", str(tok_dir), "--table", str(path), "--batch-size", "4",
+              "--quiet"]
+    return tmp, common, table
+
+
+def _read(path):
+    if path.suffix == ".parquet":
+        t = pq.read_table(path)
+        return {c: (np.array(t[c].to_pylist()) if c != "error" else t[c].to_pylist()) for c in t.column_names}
+    with fits.open(path) as hdul:
+        data = hdul[1].data
+        return {c: (np.array(data[c]) if c != "error" else [s.strip() for s in data[c]]) for c in data.names}
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".fits"])
+def test_embed_writes_one_row_per_object(setup, suffix):
+    tmp, common, table = setup
+    out = tmp / f"emb{suffix}"
+    assert main(["embed", *common, "--out", str(out)]) == 0
+    got = _read(out)
+    assert got["object_id"].tolist() == table["object_id"].tolist()
+    emb = got["embedding"]
+    assert emb.shape == (N, 16)
+    good = np.arange(N) != BAD
+    assert np.isfinite(emb[good]).all() and np.isnan(emb[BAD]).all()
+    assert got["error"][BAD] and all(e == "" for i, e in enumerate(got["error"]) if i != BAD)
+    assert got[f"tokens_used_{G}"].tolist() == [0 if i in (1, BAD) else 1 for i in range(N)]
+    assert got[f"tokens_used_{T}"].tolist() == [0] * N  # not in the table
+    assert not list(tmp.glob(f".emb{suffix}*"))  # temporary files are gone
+
+
+def test_embed_per_modality_pooling(setup):
+    tmp, common, _ = setup
+    out = tmp / "pm.parquet"
+    assert main(["embed", *common, "--out", str(out), "--pooling", "per_modality_mean", "--max-inputs", "2"]) == 0
+    emb = _read(out)["embedding"]
+    assert emb.shape == (N, 4 * 16 + 4)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".fits"])
+def test_predict_writes_summaries(setup, suffix):
+    tmp, common, table = setup
+    out = tmp / f"pred{suffix}"
+    assert main(["predict", *common, "--target", T, "--out", str(out)]) == 0
+    got = _read(out)
+    assert got["object_id"].tolist() == table["object_id"].tolist()
+    good = np.arange(N) != BAD
+    for f in ("mean", "median", "mode", "p16", "p84", "p2_5", "p97_5"):
+        assert np.isfinite(got[f][good]).all() and np.isnan(got[f][BAD]), f
+    assert (got["p2_5"][good] <= got["p16"][good]).all() and (got["p16"][good] <= got["p84"][good]).all()
+    assert got["error"][BAD] and got["error"][0] == ""
+
+
+def test_unknown_column_mapping_is_a_clear_error(setup):
+    tmp, common, _ = setup
+    out = tmp / "x.parquet"
+    with pytest.raises(SystemExit, match="no column 'FLUX_W'"):
+        main(["embed", *common, "--out", str(out), "--column", "FLUX_W=legacysurvey_flux_g"])
+    with pytest.raises(SystemExit, match="not a registered modality"):
+        main(["embed", *common, "--out", str(out), "--column", "FLUX_G=nonsense"])
+    with pytest.raises(SystemExit, match="model has no modality"):
+        main(["embed", *common, "--out", str(out), "--column", "FLUX_G=legacysurvey_flux_i"])
+    with pytest.raises(SystemExit, match="not in this model"):
+        main(["predict", *common, "--out", str(out), "--target", "desi_z"])
+    assert not out.exists()
+
+
+def test_reader_and_writer_units(setup, tmp_path):
+    _, _, table = setup
+    path = tmp_path / "cat.ecsv"
+    table.write(path)
+    stream = iter_fits_table(path, {"flux_r": R}, batch_size=5)
+    batches = list(stream)
+    assert len(stream) == N and [len(b.object_id) for b in batches] == [5, 5, 1]
+    assert list(batches[0].modalities) == [R]
+    with pytest.raises(ValueError, match="must end in"):
+        TableWriter(tmp_path / "out.csv")
+    w = TableWriter(tmp_path / "a.parquet")
+    w.append({"object_id": [1, 2], "x": np.zeros((2, 3), np.float32), "error": ["", "bad"]})
+    with pytest.raises(ValueError, match="do not match"):
+        w.append({"object_id": [3], "y": [1.0]})
+    w.abort()
+    assert not list(tmp_path.glob("*a.parquet*"))
+
+
+def test_embed_and_predict_from_mmu_data(setup):
+    from aion.mock.universe import MockConfig, generate
+
+    tmp, common, _ = setup
+    data = tmp / "mock"
+    generate(data, MockConfig(n=20, seed=0, image_size=16, hsc_image_size=16), progress=False)
+    base = [a for a in common if a not in ("--table", str(tmp / "cat.fits"))]
+    assert main(["embed", *base, "--data", str(data), "--join", "provabgs", "--out", str(tmp / "m.parquet")]) == 0
+    got = _read(tmp / "m.parquet")
+    assert len(got["object_id"]) == 20 and np.isfinite(got["embedding"]).all()
+    assert main(["predict", *base, "--data", str(data), "--target", T, "--out", str(tmp / "m.fits")]) == 0
+    assert _read(tmp / "m.fits")["object_id"].tolist() == got["object_id"].tolist()
