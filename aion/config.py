@@ -24,6 +24,15 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def load_config(cls: type[T], source: T | dict[str, Any] | str | os.PathLike, what: str) -> T:
+    """``source`` as a ``cls``: already one, a mapping (errors name ``what``) or a YAML path (errors name the path)."""
+    if isinstance(source, cls):
+        return source
+    if isinstance(source, dict):
+        return from_dict(cls, source, what)
+    return from_dict(cls, load_yaml(source), str(source))
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """Build dataclass ``cls`` from a mapping; unknown keys are an error naming the key.
 

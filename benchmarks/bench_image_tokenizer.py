@@ -11,13 +11,12 @@ Inputs are synthetic cutouts of each survey's native size and bands.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine_info import describe_machine  # benchmarks/machine_info.py
 
 from aion import modalities as registry
 from aion.config import from_dict, load_yaml
@@ -27,19 +26,6 @@ from aion.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"cpu": ROOT / "tokenizers" / "image_cpu.yaml", "aion": ROOT / "tokenizers" / "image_aion.yaml"}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__}; "
-            f"{torch.get_num_threads()} torch threads; python {platform.python_version()}")
 
 
 def synthetic(survey: str, n: int, size: int, seed: int = 0) -> ImageBatch:
@@ -82,7 +68,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine()}")
     header = f"{'preset':<8} {'survey':<13} {'input':<13} {'crop->grid':<12} {'tokens':>6} {'vocab':>6} " \
              f"{'params':>8} {'encode obj/s':>13} {'decode obj/s':>13}"
     print(header)

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine_info import describe_machine  # benchmarks/machine_info.py
 
 from aion.data.batches import SpectrumBatch
 from aion.tokenizers import load_tokenizer
-from aion.tokenizers.spectrum import SpectrumTokenizer, describe_machine, load_recipe
+from aion.tokenizers.spectrum import SpectrumTokenizer, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

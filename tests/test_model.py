@@ -8,30 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aion import modalities as registry
 from aion.config import from_dict, to_dict
 from aion.model import FourM, ModalitySpec, ModelConfig, build_config, modality_specs_from_index, preset
+from aion.training.synthetic import realistic_table
 
 torch.set_num_threads(1)
-
-
-def realistic_table(image_vocab: int = 1000) -> dict[str, ModalitySpec]:
-    """Every registered modality with the token shapes of the repository's tokenizer recipes:
-    576-token images, 273-token spectra (vocab 1024 codes + 1024 amplitude bins), scalars with
-    1024 bins and a fine token where tokenizers/scalars.yaml adds one."""
-    table = {}
-    for name, m in registry.modalities().items():
-        if m.kind == "image":
-            table[name] = ModalitySpec(num_tokens=576, vocab_size=image_vocab)
-        elif m.kind == "spectrum":
-            table[name] = ModalitySpec(num_tokens=273, vocab_size=2048)
-        elif name.startswith("legacysurvey_flux_"):
-            table[name] = ModalitySpec(num_tokens=2, vocab_size=1024 + 32)
-        elif name.startswith("hsc_mag_") or name in ("desi_z", "sdss_z"):
-            table[name] = ModalitySpec(num_tokens=2, vocab_size=1024 + 64)
-        else:
-            table[name] = ModalitySpec(num_tokens=1, vocab_size=1024)
-    return table
 
 
 def meta_count(name: str, table: dict[str, ModalitySpec]) -> int:

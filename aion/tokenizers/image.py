@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aion import modalities as registry
-from aion.config import from_dict, load_yaml, to_dict
+from aion.config import from_dict, load_config, to_dict
 from aion.data.batches import ImageBatch
 from aion.tokenizers.base import Tokenizer, check_recipe_kind, load_tokenizer, register_tokenizer
 from aion.tokenizers.quantizers import FSQ
@@ -550,11 +550,7 @@ class ImageTokenizerRecipe:
 
 def load_recipe(recipe: str | os.PathLike | dict | ImageTokenizerRecipe) -> ImageTokenizerRecipe:
     """Path to YAML, mapping or recipe -> recipe (errors name the offending key)."""
-    if isinstance(recipe, ImageTokenizerRecipe):
-        return recipe
-    if isinstance(recipe, dict):
-        return from_dict(ImageTokenizerRecipe, recipe, "image recipe")
-    return from_dict(ImageTokenizerRecipe, load_yaml(recipe), str(recipe))
+    return load_config(ImageTokenizerRecipe, recipe, "image recipe")
 
 
 def survey_image_modality(survey: str) -> str:

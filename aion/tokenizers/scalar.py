@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from aion import modalities as registry
-from aion.config import from_dict, load_yaml
+from aion.config import from_dict, load_config
 from aion.data.batches import ScalarBatch
 from aion.data.mmu import SurveyShards, iter_mmu_hdf5
 from aion.tokenizers.base import CONFIG_NAME, Tokenizer, check_recipe_kind, load_tokenizer, register_tokenizer
@@ -166,12 +166,7 @@ def load_scalar_recipe(recipe: ScalarRecipe | Mapping[str, Any] | str | os.PathL
     """A recipe from a YAML path, a mapping, or ``None`` (built-in defaults)."""
     if recipe is None:
         return ScalarRecipe()
-    if isinstance(recipe, ScalarRecipe):
-        return recipe
-    if isinstance(recipe, str | os.PathLike):
-        path = Path(recipe)
-        return from_dict(ScalarRecipe, load_yaml(path), where=str(path))
-    return from_dict(ScalarRecipe, dict(recipe), where="scalar recipe")
+    return load_config(ScalarRecipe, dict(recipe) if isinstance(recipe, Mapping) else recipe, "scalar recipe")
 
 
 # ------------------------------------------------------------------------------ tokenizer

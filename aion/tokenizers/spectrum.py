@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aion.config import from_dict, load_yaml, to_dict
+from aion.config import from_dict, load_config, to_dict
 from aion.data.batches import SpectrumBatch
 from aion.tokenizers.base import Tokenizer, check_recipe_kind, load_tokenizer, register_tokenizer
 from aion.tokenizers.quantizers import FSQ, LFQ
@@ -643,10 +643,7 @@ class SpectrumRecipe:
 
 def load_recipe(recipe: PathLike | dict[str, Any] | SpectrumRecipe) -> SpectrumRecipe:
     """A recipe from a YAML path, a mapping, or a recipe object (unknown keys are errors)."""
-    if isinstance(recipe, SpectrumRecipe):
-        return recipe
-    data = recipe if isinstance(recipe, dict) else load_yaml(recipe)
-    return from_dict(SpectrumRecipe, data, "spectrum recipe")
+    return load_config(SpectrumRecipe, recipe, "spectrum recipe")
 
 
 def _concat_spectra(parts: list[SpectrumBatch]) -> SpectrumBatch:
@@ -1046,23 +1043,6 @@ def _plot_overlays(out: Path, wave: np.ndarray, obs: np.ndarray, valid: np.ndarr
         fig.tight_layout()
         fig.savefig(out / f"overlay_{name}.png", dpi=90)
         plt.close(fig)
-
-
-def describe_machine() -> str:
-    """One line describing this machine, for benchmark output."""
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__} ({torch.get_num_threads()} threads); "
-            f"python {platform.python_version()}")
 
 
 __all__ = [
