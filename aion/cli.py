@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _cmd_mock_universe(args: argparse.Namespace) -> int:
@@ -151,73 +155,193 @@ def _error_column(errors: dict[int, str], n: int) -> list[str]:
     return [errors.get(i, "") for i in range(n)]
 
 
+def _fingerprint(args: argparse.Namespace) -> dict:
+    """What identifies a batch run for resuming: every option that changes its output (paths resolved);
+    --device is left out so a run may be resumed on another device."""
+    def norm(v):
+        if isinstance(v, Path):
+            return str(v.resolve())
+        if isinstance(v, list | tuple):
+            return [norm(x) for x in v]
+        return v
+
+    skip = {"func", "quiet", "restart", "device", "command"}
+    return {"command": args.command, **{k: norm(v) for k, v in sorted(vars(args).items()) if k not in skip}}
+
+
+def _run_rows(args: argparse.Namespace, stream, process, desc: str, metadata: dict[str, str] | None = None):
+    """Run ``process`` over the stream in resumable parts (:mod:`aion.inference.runner`)."""
+    from aion.inference.runner import RunnerError, run_in_parts
+
+    for name, value in (("--batch-size", args.batch_size), ("--chunk-size", args.chunk_size)):
+        if value < 1:
+            raise SystemExit(f"error: {name} must be >= 1, got {value}")
+    try:
+        return run_in_parts(stream, process, args.out, _fingerprint(args), batch_size=args.batch_size,
+                            chunk_size=args.chunk_size, restart=args.restart, metadata=metadata,
+                            progress=not args.quiet, desc=desc)
+    except RunnerError as err:
+        raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt:  # the runner said how to resume
+        raise SystemExit(130) from None
+
+
+def _report(summary, what: str, args: argparse.Namespace) -> None:
+    resumed = f" (resumed at object {summary.resumed_from})" if summary.resumed_from else ""
+    failed = f"; {summary.n_errors} objects failed (see the error column)" if summary.n_errors else ""
+    print(f"{summary.n_rows} {what} written to {Path(args.out).resolve()}{resumed}{failed}")
+
+
+def _no_input(n: int) -> dict[int, str]:
+    return dict.fromkeys(range(n), "no input modality the model reads")
+
+
 def _cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
-    from tqdm.auto import tqdm
-
-    from aion.inference.io import TableWriter
 
     am = _load_inference_model(args)
     stream = _inference_inputs(args, am.names)
-    n_err = 0
-    with TableWriter(args.out) as writer, tqdm(total=len(stream), desc="embed", unit="obj",
-                                              disable=args.quiet) as bar:
-        for ids, objects in stream:
-            n = len(ids)
-            if objects:
-                tokens, present = am.tokenize(objects)
-                res = am.embed(tokens, present, pooling=args.pooling)
-                vectors = res.pooled.float().numpy()
-                used, errors = res.tokens_used, res.errors
-            else:  # nothing the model reads in this batch
-                width = am.model.cfg.dim if args.pooling == "mean" else len(am.names) * (am.model.cfg.dim + 1)
-                vectors = np.full((n, width), np.nan, dtype=np.float32)
-                used, errors = {}, dict.fromkeys(range(n), "no input modality the model reads")
-            cols = {"object_id": ids, "embedding": vectors.astype(np.float32)}
-            for name in am.names:
-                cols[f"tokens_used_{name}"] = np.asarray(used.get(name, np.zeros(n)), dtype=np.int32)
-            cols["error"] = _error_column(errors, n)
-            writer.append(cols)
-            n_err += len(errors)
-            bar.update(n)
-    print(f"{writer.n_rows} embeddings ({args.pooling}) written to {Path(args.out).resolve()}"
-          f"{f'; {n_err} objects failed (see the error column)' if n_err else ''}")
+
+    def process(row: int, batch) -> dict:
+        ids, objects = batch
+        n = len(ids)
+        if objects:
+            tokens, present = am.tokenize(objects)
+            res = am.embed(tokens, present, pooling=args.pooling, return_tokens=False)
+            vectors = res.pooled.float().numpy()
+            used, errors = res.tokens_used, res.errors
+        else:  # nothing the model reads in this batch
+            width = am.model.cfg.dim if args.pooling == "mean" else len(am.names) * (am.model.cfg.dim + 1)
+            vectors = np.full((n, width), np.nan, dtype=np.float32)
+            used, errors = {}, _no_input(n)
+        cols = {"object_id": ids, "embedding": vectors.astype(np.float32)}
+        for name in am.names:
+            cols[f"tokens_used_{name}"] = np.asarray(used.get(name, np.zeros(n)), dtype=np.int32)
+        cols["error"] = _error_column(errors, n)
+        return cols
+
+    summary = _run_rows(args, stream, process, "embed")
+    _report(summary, f"embeddings ({args.pooling})", args)
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
-    from tqdm.auto import tqdm
-
-    from aion.inference.io import TableWriter
 
     am = _load_inference_model(args)
     if args.target not in am.names:
         raise SystemExit(f"error: --target {args.target!r} is not in this model (it has {list(am.names)})")
     stream = _inference_inputs(args, am.names)
     fields = ("mean", "median", "mode", "p16", "p84", "p2_5", "p97_5")
-    n_err = 0
-    with TableWriter(args.out) as writer, tqdm(total=len(stream), desc=f"predict {args.target}", unit="obj",
-                                              disable=args.quiet) as bar:
-        for ids, objects in stream:
-            n = len(ids)
-            objects = {k: v for k, v in objects.items() if k != args.target}  # never read the truth
-            cols = {"object_id": ids}
-            if objects:
-                tokens, present = am.tokenize(objects)
-                pred = am.predict_scalar(tokens, present, args.target)
-                est = pred.refined if args.refined and pred.refined is not None else pred.estimates
-                cols.update({f: np.asarray(getattr(est, f), dtype=np.float64) for f in fields})
-                errors = pred.errors
-            else:
-                cols.update({f: np.full(n, np.nan) for f in fields})
-                errors = dict.fromkeys(range(n), "no input modality the model reads")
-            cols["error"] = _error_column(errors, n)
-            writer.append(cols)
-            n_err += len(errors)
-            bar.update(n)
-    print(f"{writer.n_rows} {args.target} posteriors written to {Path(args.out).resolve()}"
-          f"{f'; {n_err} objects failed (see the error column)' if n_err else ''}")
+
+    def process(row: int, batch) -> dict:
+        ids, objects = batch
+        n = len(ids)
+        objects = {k: v for k, v in objects.items() if k != args.target}  # never read the truth
+        cols = {"object_id": ids}
+        if objects:
+            tokens, present = am.tokenize(objects)
+            pred = am.predict_scalar(tokens, present, args.target)
+            est = pred.refined if args.refined and pred.refined is not None else pred.estimates
+            cols.update({f: np.asarray(getattr(est, f), dtype=np.float64) for f in fields})
+            errors = pred.errors
+        else:
+            cols.update({f: np.full(n, np.nan) for f in fields})
+            errors = _no_input(n)
+        cols["error"] = _error_column(errors, n)
+        return cols
+
+    summary = _run_rows(args, stream, process, f"predict {args.target}")
+    _report(summary, f"{args.target} posteriors", args)
+    return 0
+
+
+def _generation_layout(am, target: str) -> tuple[str, tuple[int, ...], dict[str, str]]:
+    """(value column, per-sample value shape, table metadata) of generated ``target`` values, from
+    decoding one filler row (so batches without inputs get the same shapes)."""
+    import numpy as np
+    import torch
+
+    from aion import modalities as registry
+    from aion.data.batches import ImageBatch, ScalarBatch, SpectrumBatch
+
+    size = am.model.cfg.modalities[target].num_tokens
+    probe = am._decode(target, torch.full((1, size), -1, dtype=torch.long), [0], None)
+    meta = {"aion_target": target, "unit": registry.modality(target).unit}
+    if isinstance(probe, ScalarBatch):
+        return "value", (), meta
+    if isinstance(probe, SpectrumBatch):
+        wave = np.asarray(probe.wavelength, dtype=np.float64).reshape(-1)
+        step = float((wave[-1] - wave[0]) / (wave.size - 1)) if wave.size > 1 else 0.0
+        if np.allclose(wave, wave[0] + step * np.arange(wave.size), rtol=0, atol=1e-6 * max(abs(step), 1e-12)):
+            meta.update(wavelength_start=repr(float(wave[0])), wavelength_step=repr(step),
+                        wavelength_n=str(wave.size))
+        else:
+            meta["wavelength"] = json.dumps([float(w) for w in wave])
+        meta["wavelength_unit"] = "Angstrom"
+        return "flux", tuple(probe.flux.shape[1:]), meta
+    if isinstance(probe, ImageBatch):
+        meta.update(bands=",".join(probe.bands), zero_point=repr(float(probe.zero_point)),
+                    pixel_scale=repr(float(probe.pixel_scale)))
+        return "image", tuple(probe.flux.shape[1:]), meta
+    raise SystemExit(f"error: --target {target!r}: cannot store decoded {type(probe).__name__} values")
+
+
+def _generated_values(decoded: list, column: str) -> np.ndarray:
+    """(B, num_samples, ...) physical values from the per-sample decoded batches."""
+    import numpy as np
+
+    if column == "value":
+        return np.stack([np.asarray(d.values, dtype=np.float64) for d in decoded], axis=1)
+    return np.stack([np.asarray(d.flux, dtype=np.float32) for d in decoded], axis=1)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    am = _load_inference_model(args)
+    target = args.target
+    if target not in am.names:
+        raise SystemExit(f"error: --target {target!r} is not in this model (it has {list(am.names)})")
+    for name, value, low in (("--steps", args.steps, 1), ("--num-samples", args.num_samples, 1)):
+        if value < low:
+            raise SystemExit(f"error: {name} must be >= {low}, got {value}")
+    if args.temperature < 0:
+        raise SystemExit(f"error: --temperature must be >= 0, got {args.temperature}")
+    stream = _inference_inputs(args, am.names)
+    column, shape, meta = _generation_layout(am, target)
+    meta.update(aion_steps=str(args.steps), aion_temperature=repr(float(args.temperature)),
+                aion_schedule=args.schedule, aion_num_samples=str(args.num_samples), aion_seed=str(args.seed),
+                aion_batch_size=str(args.batch_size),
+                aion_seed_rule="each batch is generated with seed + the catalogue row of its first object")
+    size = am.model.cfg.modalities[target].num_tokens
+    dtype = np.float64 if column == "value" else np.float32
+    samples = args.num_samples
+
+    def process(row: int, batch) -> dict:
+        ids, objects = batch
+        n = len(ids)
+        objects = {k: v for k, v in objects.items() if k != target}  # never read the truth
+        values = np.full((n, samples, *shape), np.nan, dtype=dtype)
+        tokens_out = np.full((n, samples, size), -1, dtype=np.int32)
+        if objects:
+            tokens, present = am.tokenize(objects)
+            res = am.generate(tokens, present, target, steps=args.steps, temperature=args.temperature,
+                              schedule=args.schedule, seed=args.seed + row, num_samples=samples, decode=True)
+            tokens_out = res.tokens.permute(1, 0, 2).numpy().astype(np.int32)
+            values = _generated_values(res.decoded, column).astype(dtype)
+            values[sorted(res.errors)] = np.nan  # decoded from filler tokens: meaningless
+            used, errors = res.tokens_used, res.errors
+        else:
+            used, errors = {}, _no_input(n)
+        cols = {"object_id": ids, "tokens": tokens_out, column: values}
+        for name in am.names:
+            cols[f"tokens_used_{name}"] = np.asarray(used.get(name, np.zeros(n)), dtype=np.int32)
+        cols["error"] = _error_column(errors, n)
+        return cols
+
+    summary = _run_rows(args, stream, process, f"generate {target}", metadata=meta)
+    _report(summary, f"generated {target} ({samples} sample{'s' if samples > 1 else ''} each)", args)
     return 0
 
 
@@ -244,6 +368,11 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
                    help="encoder input budget per object (AION-1: 256; default: no limit); larger objects "
                         "read a deterministic subset")
     p.add_argument("--batch-size", type=int, default=256, help="objects per batch (memory follows this)")
+    p.add_argument("--chunk-size", type=int, default=4096,
+                   help="objects per resumable part written to OUT.parts/ (rounded up to a multiple of "
+                        "--batch-size; output memory follows this)")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the parts of an earlier run of this output instead of resuming it")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -313,23 +442,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pretrain)
 
+    resumable = (" Resumable: rows are written in parts of --chunk-size objects to OUT.parts/ (with a "
+                 "manifest of the options); rerunning the same command after an interruption skips the finished "
+                 "parts without reading their input, and the final table, identical to an uninterrupted run's, "
+                 "appears atomically once every part is done. Other options on an existing OUT.parts/ are an error "
+                 "(delete it or pass --restart).")
     p = sub.add_parser("embed", help="encoder embeddings of every object of a catalogue, streamed to parquet / FITS",
                        description="Writes object_id, embedding, tokens_used_<modality> and error (empty when "
-                                   "fine) per object, in input order. Not resumable: an interrupted run leaves "
-                                   "no output and must be restarted.")
+                                   "fine) per object, in input order." + resumable)
     _add_inference_args(p)
     p.add_argument("--pooling", choices=("mean", "per_modality_mean"), default="mean")
     p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("predict", help="zero-shot posterior summaries of a scalar (e.g. a redshift) per object",
                        description="Writes object_id, mean, median, mode, p16, p84, p2_5, p97_5 and error "
-                                   "(empty when fine) per object, in input order. Not resumable: an interrupted "
-                                   "run leaves no output and must be restarted.")
+                                   "(empty when fine) per object, in input order." + resumable)
     _add_inference_args(p)
     p.add_argument("--target", required=True, help="scalar modality to predict, e.g. provabgs_z")
     p.add_argument("--refined", action="store_true",
                    help="use the fine-token refined estimates where the target tokenizer has fine bins")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("generate", help="sample a modality (spectrum, image or scalar) per object, MaskGIT-style",
+                       description="Writes per object, in input order: object_id; tokens (num_samples, n_tokens) "
+                                   "int32, -1 for failed objects; the decoded values in physical units: flux "
+                                   "(num_samples, L) float32 on the tokenizer's wavelength grid for a spectrum "
+                                   "(the grid is in the table metadata: wavelength_start / wavelength_step / "
+                                   "wavelength_n in Angstrom), image (num_samples, bands, H, W) float32 for an "
+                                   "image (band names in the metadata key bands), value (num_samples,) float64 "
+                                   "for a scalar; NaN for failed objects; tokens_used_<modality> and error. The "
+                                   "target is never read as an input. Reproducible: each batch is generated with "
+                                   "seed = --seed + the catalogue row of its first object, so the same command "
+                                   "(same --batch-size) gives identical output, resumed or not." + resumable)
+    _add_inference_args(p)
+    p.add_argument("--target", required=True, help="modality to generate, e.g. desi_spectrum")
+    p.add_argument("--steps", type=int, default=8, help="generation steps (default 8)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: most probable token)")
+    p.add_argument("--schedule", choices=("cosine", "linear"), default="cosine",
+                   help="how many tokens each step reveals (default cosine)")
+    p.add_argument("--seed", type=int, default=0, help="base seed (see above)")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples per object (default 1)")
+    p.set_defaults(func=_cmd_generate)
+
+    from aion.evaluation.cli import add_zeroshot_parser
+
+    add_zeroshot_parser(sub)
 
     p = sub.add_parser("modalities", help="list the registered modalities")
     p.add_argument("--json", action="store_true")

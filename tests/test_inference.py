@@ -212,6 +212,13 @@ def test_predict_scalar_posterior_is_normalised_calibrated_and_beats_the_prior(t
     prior_error = np.mean(np.abs(truth - np.median(truth)))
     assert np.mean(np.abs(truth - e.median)) < 0.7 * prior_error
     assert np.mean(pred.log_prob_of(truth)) > np.log(1 / 64) + 0.5  # the prior is uniform over quantile bins
+    # the CDF inverts the quantiles and its value at the truth (PIT) agrees with the interval coverage
+    for q in (0.025, 0.16, 0.5, 0.84, 0.975):
+        assert np.allclose(pred.cdf(pred.quantile(q)), q, atol=1e-9)
+    pit = pred.cdf(truth)
+    assert ((pit >= 0) & (pit <= 1)).all()
+    assert np.mean((pit >= 0.16) & (pit <= 0.84)) == pytest.approx(coverage, abs=0.02)
+    assert (pred.cdf(np.full(200, -1e9)) == 0).all() and (pred.cdf(np.full(200, 1e9)) == 1).all()
 
 
 def test_interval_arithmetic_on_the_prior(trained):
@@ -245,6 +252,8 @@ def test_fine_token_refinement_reduces_the_error(trained, test_set):
     assert fine_err[right_bin].mean() < 0.5 * coarse_err[right_bin].mean()
     r = pred.refined
     assert ((r.p16 <= r.median) & (r.median <= r.p84)).all()
+    assert np.allclose(pred.cdf(r.median, refined=True), 0.5, atol=1e-6)
+    assert np.allclose(pred.cdf(r.p84, refined=True), 0.84, atol=1e-6)
     # a target that may not be read (a label) gets its fine token in the same pass
     single = AionModel(trained.model, trained.tokenizers, never_input=[T, Y]).predict_scalar(tokens, present, Y)
     assert np.allclose(single.fine_probs.sum(1), 1.0) and np.isfinite(single.refined.mean).all()

@@ -149,3 +149,30 @@ def test_embed_and_predict_from_mmu_data(setup):
     assert len(got["object_id"]) == 20 and np.isfinite(got["embedding"]).all()
     assert main(["predict", *base, "--data", str(data), "--target", T, "--out", str(tmp / "m.fits")]) == 0
     assert _read(tmp / "m.fits")["object_id"].tolist() == got["object_id"].tolist()
+
+
+def test_iter_objects_reads_only_the_columns_of_the_kept_modalities(setup, monkeypatch):
+    from aion.data.mmu import SurveyShards
+    from aion.inference.io import iter_objects
+    from aion.mock.universe import MockConfig, generate
+
+    tmp, _, _ = setup
+    data = tmp / "mock_cols"
+    generate(data, MockConfig(n=12, seed=1, image_size=16, hsc_image_size=16), progress=False)
+    full = next(iter(iter_objects(data, ["legacysurvey", "hsc"], batch_size=12)))
+    asked: list[tuple[str, ...]] = []
+    original = SurveyShards.read_rows
+
+    def spy(self, rows, columns=None):
+        asked.append(tuple(self.columns if columns is None else columns))
+        return original(self, rows, columns)
+
+    monkeypatch.setattr(SurveyShards, "read_rows", spy)
+    some = next(iter(iter_objects(data, ["legacysurvey", "hsc"], batch_size=12, modalities=[G, "hsc_mag_r"])))
+    assert set(some.modalities) == {G, "hsc_mag_r"}
+    assert not any(c.startswith(("image_", "spectrum_")) for cols in asked for c in cols), asked
+    assert {"FLUX_G", "FLUX_IVAR_G"} <= set(asked[0])
+    np.testing.assert_array_equal(some.object_id, full.object_id)
+    for name in (G, "hsc_mag_r"):
+        np.testing.assert_array_equal(some.modalities[name].values, full.modalities[name].values)
+        np.testing.assert_array_equal(some.modalities[name].ivar, full.modalities[name].ivar)

@@ -10,19 +10,24 @@ Readers yield :class:`ObjectBatch` ``(object_id, {modality: typed batch})`` of a
   columns, e.g. ``FLUX_G`` -> ``legacysurvey_flux_g`` (with ``FLUX_IVAR_G`` as its inverse
   variance when the table has it). FITS is memory-mapped; other formats are read whole.
 
+Both can start at a row (``start=`` or :meth:`ObjectStream.from_row`) without reading the rows
+before it: that is how a resumed run (:mod:`aion.inference.runner`) skips finished work.
+
 :class:`TableWriter` appends row batches and writes parquet (``.parquet``) or a FITS binary
 table (``.fits``/``.fit``/``.fits.gz``) atomically: a temporary file next to the target is
 renamed into place on :meth:`TableWriter.close`; on error (:meth:`TableWriter.abort`, or leaving
-a ``with`` block by an exception) nothing is left behind.
+a ``with`` block by an exception) nothing is left behind. Table-wide ``metadata`` (text) goes to the
+parquet schema metadata or the FITS header (:func:`read_metadata` reads it back).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,18 +46,37 @@ class ObjectBatch(NamedTuple):
 
 
 class ObjectStream:
-    """An iterable of :class:`ObjectBatch` that knows how many objects it will yield (``n_objects``)."""
+    """An iterable of :class:`ObjectBatch` that knows how many objects it will yield (``n_objects``).
 
-    def __init__(self, n_objects: int, batches: Iterator[ObjectBatch], modalities: Sequence[str] = ()):
+    ``start`` is the catalogue row of the first object yielded and ``total`` the catalogue size.
+    ``reopen(row)`` (given by the readers) makes :meth:`from_row` possible, which is how a resumed
+    run skips finished rows without reading them.
+    """
+
+    def __init__(self, n_objects: int, batches: Iterator[ObjectBatch], modalities: Sequence[str] = (), *,
+                 start: int = 0, reopen: Callable[[int], Iterator[ObjectBatch]] | None = None):
         self.n_objects = int(n_objects)
         self.modalities = tuple(modalities)
+        self.start = int(start)
+        self.total = self.start + self.n_objects
         self._batches = batches
+        self._reopen = reopen
 
     def __len__(self) -> int:
         return self.n_objects
 
     def __iter__(self) -> Iterator[ObjectBatch]:
         return self._batches
+
+    def from_row(self, start: int) -> ObjectStream:
+        """A new stream of the catalogue rows ``start:`` (rows before it are never read); batches
+        start at ``start``, so a batch-aligned ``start`` gives the same batches as the full stream."""
+        if self._reopen is None:
+            raise NotImplementedError("this stream cannot start at a row (no reopen function)")
+        if not 0 <= int(start) <= self.total:
+            raise ValueError(f"start row {start} is outside the catalogue of {self.total} rows")
+        return ObjectStream(self.total - int(start), self._reopen(int(start)), self.modalities, start=int(start),
+                            reopen=self._reopen)
 
 
 def _check_batch_size(batch_size: int) -> int:
@@ -78,15 +102,30 @@ def _expand(batch: Modal, where: np.ndarray, n: int) -> Modal:
     return full
 
 
+def _columns_for(shards: SurveyShards, keep: set[str] | None) -> list[str] | None:
+    """The columns of ``shards`` that the kept modalities need (None = all): an embedding of
+    photometry alone then never reads image or spectrum arrays."""
+    if keep is None:
+        return None
+    wanted = {"object_id", "ra", "dec"}
+    for name, mod in registry.modalities(survey=shards.survey).items():
+        if name in keep:
+            wanted.update(mod.fields)
+            if mod.error_field is not None:
+                wanted.add(mod.error_field)
+    return [c for c in shards.columns if c in wanted]
+
+
 def iter_objects(data_root: PathLike, surveys: Sequence[str] = ("legacysurvey",), batch_size: int = 256, *,
                  config: str | None = None, radius_arcsec: float = 1.0,
-                 modalities: Sequence[str] | None = None) -> ObjectStream:
+                 modalities: Sequence[str] | None = None, start: int = 0) -> ObjectStream:
     """Objects of ``surveys[0]`` (the parent) with the modalities of every survey in ``surveys``.
 
     Joined surveys are cross-matched onto the parent exactly as ``aion tokenize`` does
     (:class:`aion.tokenizers.pretokenize._Joined`: one-to-one nearest neighbour within
     ``radius_arcsec``); only the sky positions of all surveys are held in memory.
-    ``modalities``: keep only these (None = all registered modalities found).
+    ``modalities``: keep only these (None = all registered modalities found). ``start``: first
+    parent row to yield (earlier rows are not read; see :meth:`ObjectStream.from_row`).
     """
     from aion.tokenizers.pretokenize import PretokenizeConfig, _Joined
 
@@ -100,18 +139,20 @@ def iter_objects(data_root: PathLike, surveys: Sequence[str] = ("legacysurvey",)
     parent = SurveyShards(root, parent_name, config)
     joined = [_Joined(root, s, (parent.read_column("ra"), parent.read_column("dec")), cfg) for s in others]
     keep = None if modalities is None else set(modalities)
+    parent_cols = _columns_for(parent, keep)
+    joined_cols = [_columns_for(j.shards, keep) for j in joined]
 
-    def batches() -> Iterator[ObjectBatch]:
-        for start in range(0, len(parent), batch_size):
+    def batches(first: int) -> Iterator[ObjectBatch]:
+        for start in range(first, len(parent), batch_size):
             rows = np.arange(start, min(len(parent), start + batch_size))
-            main = columns_to_survey_batch(parent.read_rows(rows), parent_name)
+            main = columns_to_survey_batch(parent.read_rows(rows, parent_cols), parent_name)
             mods: dict[str, Modal] = dict(main.modalities)
-            for j in joined:
+            for j, cols in zip(joined, joined_cols, strict=True):
                 other = j.row_of_parent[rows]
                 have = np.nonzero(other >= 0)[0]
                 if not have.size:
                     continue
-                sub = columns_to_survey_batch(j.shards.read_rows(other[have]), j.survey)
+                sub = columns_to_survey_batch(j.shards.read_rows(other[have], cols), j.survey)
                 for name, batch in sub.modalities.items():
                     if name in mods:
                         raise ValueError(f"modality {name!r} comes from two surveys")
@@ -120,7 +161,8 @@ def iter_objects(data_root: PathLike, surveys: Sequence[str] = ("legacysurvey",)
                 mods = {k: v for k, v in mods.items() if k in keep}
             yield ObjectBatch(np.asarray(main.object_id), mods)
 
-    return ObjectStream(len(parent), batches())
+    stream = ObjectStream(len(parent), batches(0), reopen=batches)
+    return stream.from_row(start) if start else stream
 
 
 # ---------------------------------------------------------------------------- FITS / ECSV tables
@@ -165,7 +207,7 @@ def _lookup(columns: Sequence[str], name: str) -> str | None:
 
 def iter_fits_table(path: PathLike, columns_to_modality: Mapping[str, str] | None = None, batch_size: int = 256, *,
                     id_column: str | None = "object_id", modalities: Sequence[str] | None = None,
-                    hdu: int = 1) -> ObjectStream:
+                    hdu: int = 1, start: int = 0) -> ObjectStream:
     """Rows of a catalogue of scalar columns as typed :class:`ScalarBatch` es.
 
     ``columns_to_modality``: ``{column: scalar modality}`` (None = :func:`default_column_mapping`,
@@ -173,7 +215,8 @@ def iter_fits_table(path: PathLike, columns_to_modality: Mapping[str, str] | Non
     is not registered or not a scalar, or two columns for one modality raise ``ValueError`` before
     anything is read. A modality's registered error column (``FLUX_IVAR_G`` for ``FLUX_G``; a
     sigma column is converted to ivar) is used when present. ``id_column``: object ids (the row
-    number when None or absent). NaN / masked values and ivar <= 0 mean "missing".
+    number when None or absent). NaN / masked values and ivar <= 0 mean "missing". ``start``: first
+    row to yield (earlier rows are not read; see :meth:`ObjectStream.from_row`).
     """
     from astropy.table import Table
 
@@ -222,8 +265,8 @@ def iter_fits_table(path: PathLike, columns_to_modality: Mapping[str, str] | Non
     id_col = _lookup(names, id_column) if id_column else None
     n = len(table)
 
-    def batches() -> Iterator[ObjectBatch]:
-        for start in range(0, n, batch_size):
+    def batches(first: int) -> Iterator[ObjectBatch]:
+        for start in range(first, n, batch_size):
             part = table[start:start + batch_size]
             k = len(part)
             ids = _column(part, id_col) if id_col is not None else np.arange(start, start + k, dtype=np.int64)
@@ -243,11 +286,52 @@ def iter_fits_table(path: PathLike, columns_to_modality: Mapping[str, str] | Non
                 mods[mod_name] = ScalarBatch(name=mod_name, values=values, ivar=ivar)
             yield ObjectBatch(np.asarray(ids), mods)
 
-    return ObjectStream(n, batches(), sorted(mapping.values()))
+    stream = ObjectStream(n, batches(0), sorted(mapping.values()), reopen=batches)
+    return stream.from_row(start) if start else stream
 
 
 # ---------------------------------------------------------------------------- writer
 _FITS_SUFFIXES = (".fits", ".fit", ".fts")
+
+
+_STRUCTURAL = re.compile(r"^(XTENSION|EXTNAME|(TTYPE|TFORM|TDIM|TUNIT|TNULL|TSCAL|TZERO|TDISP)\d+)$")
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """Plain ASCII text keys and values (what both parquet and FITS headers can hold)."""
+    out: dict[str, str] = {}
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"TableWriter metadata: expected text keys and values, got {key!r}: {value!r}")
+        if not (key.isascii() and value.isascii() and key.isprintable() and value.isprintable()) or not key \
+                or " " in key:
+            raise ValueError(f"TableWriter metadata: {key!r}: keys and values must be printable ASCII "
+                             "(keys without spaces)")
+        out[key] = value
+    return out
+
+
+def read_metadata(path: PathLike, keys: Sequence[str] | None = None) -> dict[str, str]:
+    """The table-wide metadata written by :class:`TableWriter` (parquet schema metadata, or the text
+    keywords of the FITS table HDU other than the structural ones). ``keys``: only these (looked up
+    case-insensitively: FITS upper-cases plain keywords)."""
+    path = Path(path)
+    if path.name.lower().endswith((".parquet", ".pq")):
+        import pyarrow.parquet as pq
+
+        raw = pq.read_schema(path).metadata or {}
+        meta = {k.decode(): v.decode() for k, v in raw.items()}
+    else:
+        from astropy.io import fits
+
+        with fits.open(path) as hdul:
+            header = hdul[1].header
+            meta = {str(k): str(header[k]) for k in header
+                    if isinstance(header[k], str) and not _STRUCTURAL.match(str(k))}
+    if keys is None:
+        return meta
+    lower = {k.lower(): v for k, v in meta.items()}
+    return {k: lower[k.lower()] for k in keys if k.lower() in lower}
 
 
 class TableWriter:
@@ -255,13 +339,20 @@ class TableWriter:
     parquet or FITS table atomically on :meth:`close` (format from the suffix).
 
     Every batch must have the same columns with the same per-row shapes and kinds (numbers,
-    booleans or strings). Parquet streams row groups to the temporary file; FITS spools numeric
+    booleans or strings). Parquet streams row groups to the temporary file (a per-row array of
+    several dimensions becomes nested fixed-size lists, so its shape survives); FITS spools numeric
     columns to raw files in a temporary folder (memory-mapped when the table is assembled) and
     keeps string columns in memory.
+
+    ``metadata``: ``{key: text}`` describing the whole table (e.g. a wavelength grid shared by all
+    rows), written as parquet schema metadata or as FITS header keywords of the table HDU
+    (``HIERARCH`` for keys that are not plain 8-character FITS keywords; long text continues on
+    ``CONTINUE`` cards). Read it back with :func:`read_metadata`.
     """
 
-    def __init__(self, path: PathLike):
+    def __init__(self, path: PathLike, metadata: Mapping[str, str] | None = None):
         self.path = Path(path)
+        self.metadata = _check_metadata(metadata)
         name = self.path.name.lower()
         if name.endswith(".parquet") or name.endswith(".pq"):
             self.format = "parquet"
@@ -344,7 +435,10 @@ class TableWriter:
 
             sample = {k: np.zeros((0, *shape), dtype=dt) if kind == "num" else np.array([], dtype=object)
                       for k, (kind, shape, dt) in self._schema.items()}
-            self._writer = pq.ParquetWriter(str(self._tmp), self._arrow(sample).schema)
+            schema = self._arrow(sample).schema
+            if self.metadata:
+                schema = schema.with_metadata({k.encode(): v.encode() for k, v in self.metadata.items()})
+            self._writer = pq.ParquetWriter(str(self._tmp), schema)
         else:
             self._spool = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.spool.", dir=self.path.parent))
             for i, (k, (kind, _, _)) in enumerate(self._schema.items()):
@@ -363,9 +457,10 @@ class TableWriter:
             elif a.ndim == 1:
                 cols[k] = pa.array(a)
             else:
-                width = int(np.prod(a.shape[1:]))
-                flat = pa.array(np.ascontiguousarray(a).reshape(-1))
-                cols[k] = pa.FixedSizeListArray.from_arrays(flat, width)
+                arr = pa.array(np.ascontiguousarray(a).reshape(-1))
+                for size in reversed(a.shape[1:]):  # innermost axis first
+                    arr = pa.FixedSizeListArray.from_arrays(arr, int(size))
+                cols[k] = arr
         return pa.table(cols)
 
     # -------------------------------------------------------------- finish
@@ -415,9 +510,13 @@ class TableWriter:
                 else:
                     arr, code = np.asarray(arr, dtype=np.float64), "D"
             width = int(np.prod(shape)) if shape else 1
-            dim = f"({','.join(str(s) for s in reversed(shape))})" if len(shape) > 1 else None
+            # TDIM also for one-element vectors, else FITS readers return them as scalars
+            dim = f"({','.join(str(s) for s in reversed(shape))})" if len(shape) > 1 or shape == (1,) else None
             cols.append(fits.Column(name=k, format=f"{width}{code}", array=arr, dim=dim))
         hdu = fits.BinTableHDU.from_columns(cols)
+        for key, value in self.metadata.items():
+            plain = len(key) <= 8 and key.replace("_", "").replace("-", "").isalnum()
+            hdu.header[key.upper() if plain else f"HIERARCH {key}"] = value
         hdu.writeto(self._tmp, overwrite=True)
 
     def abort(self) -> None:

@@ -51,7 +51,7 @@ from aion import modalities as registry
 from aion.data.batches import ImageBatch, ScalarBatch, SpectrumBatch
 from aion.model.fourm import FourM
 from aion.tokenizers.base import Tokenizer
-from aion.tokenizers.binning import _inverse_np
+from aion.tokenizers.binning import _forward_np, _inverse_np
 from aion.tokenizers.scalar import ScalarTokenizer
 from aion.training.masking import MaskedSample, collate, split_budget, to_device
 
@@ -183,6 +183,23 @@ class ScalarPrediction:
             return np.full(self.probs.shape[0], np.nan)
         return _inverse_np(_quantiles(self.probs, self.edges_transformed, [q])[0], *self.transform)
 
+    def cdf(self, values: np.ndarray, refined: bool = True) -> np.ndarray:
+        """P(X <= value) per object, (B,): the probability integral transform of e.g. the truth.
+
+        Linear inside a bin in the tokenizer's transformed space, as the quantiles are, so
+        ``cdf(quantile(q)) == q``. ``refined`` uses the fine-token histogram where there is one.
+        NaN for objects in ``errors``.
+        """
+        values = np.asarray(values, dtype=np.float64)
+        if self.edges_transformed is None:
+            return np.full(self.probs.shape[0], np.nan)
+        u = _forward_np(values, *self.transform)
+        if refined and self.fine_probs is not None:
+            probs, edges = _refined_histogram(self.probs, self.fine_probs, self.coarse_token, self.edges_transformed)
+        else:
+            probs, edges = self.probs, self.edges_transformed
+        return _cdf(probs, edges, u)
+
     def log_prob_of(self, values: np.ndarray) -> np.ndarray:
         """log of the probability of the bin containing each value (e.g. the truth), (B,)."""
         k = np.clip(np.searchsorted(self.edges, np.asarray(values, dtype=float), side="right") - 1,
@@ -277,6 +294,25 @@ def _quantiles(probs: np.ndarray, edges: np.ndarray, qs: Sequence[float]) -> np.
         out[i] = lo + np.clip(frac, 0.0, 1.0) * (hi - lo)
         out[i][bad] = np.nan
     return out
+
+
+def _cdf(probs: np.ndarray, edges: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """(B,) CDF of histograms ``probs`` (B, K) on ``edges`` ((K+1,) or (B, K+1)) at ``u`` (B,),
+    linear inside each bin; 0 below the first edge, 1 above the last, NaN for NaN rows."""
+    b, k = probs.shape
+    edges = np.broadcast_to(edges, (b, k + 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = probs / probs.sum(axis=1, keepdims=True)
+    rows = np.arange(b)
+    idx = np.clip((edges[:, 1:] <= u[:, None]).sum(axis=1), 0, k - 1)  # bin holding u
+    below = np.concatenate([np.zeros((b, 1)), np.cumsum(p, axis=1)], axis=1)[rows, idx]
+    lo, hi = edges[rows, idx], edges[rows, idx + 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.clip(np.where(hi > lo, (u - lo) / (hi - lo), 1.0), 0.0, 1.0)
+    out = below + frac * p[rows, idx]
+    out = np.where(u < edges[:, 0], 0.0, np.where(u >= edges[:, -1], 1.0, out))
+    out[~np.isfinite(p.sum(axis=1)) | ~np.isfinite(u)] = np.nan
+    return np.clip(out, 0.0, 1.0)
 
 
 def _join(errors: dict[int, str], b: int, message: str) -> None:
@@ -782,25 +818,18 @@ def _refined_estimates(tok: ScalarTokenizer, probs: np.ndarray, fine_probs: np.n
     Outside that bin nothing changes; inside it the fine distribution replaces the flat one
     (sub-bins equal in the transformed space, represented by their centres, as ``decode`` does).
     """
-    n, k = probs.shape
+    n = probs.shape[0]
     f = fine_probs.shape[1]
     ok = coarse >= 0
     out = {name: np.full(n, np.nan) for name in ("mean", "median", "mode", "p16", "p84", "p2_5", "p97_5")}
     if not ok.any():
         return ScalarEstimates(**out)
     idx = np.nonzero(ok)[0]
-    new_probs = np.empty((len(idx), k - 1 + f))
-    new_edges = np.empty((len(idx), k + f))
-    sub_values = np.empty((len(idx), f))
-    for i, b in enumerate(idx):
-        c = int(coarse[b])
-        lo, hi = edges_u[c], edges_u[c + 1]
-        sub = lo + np.arange(f + 1) / f * (hi - lo)
-        new_edges[i] = np.concatenate([edges_u[:c], sub, edges_u[c + 2:]])
-        new_probs[i] = np.concatenate([probs[b, :c], probs[b, c] * fine_probs[b], probs[b, c + 1:]])
-        sub_values[i] = _inverse_np(0.5 * (sub[:-1] + sub[1:]), *transform)
-    q = _inverse_np(_quantiles(new_probs, new_edges, [0.5, 0.16, 0.84, 0.025, 0.975]), *transform)
+    new_probs, new_edges = _refined_histogram(probs[idx], fine_probs[idx], coarse[idx], edges_u)
     c = coarse[idx]
+    sub = edges_u[c, None] + np.arange(f + 1)[None, :] / f * (edges_u[c + 1] - edges_u[c])[:, None]
+    sub_values = _inverse_np(0.5 * (sub[:, :-1] + sub[:, 1:]), *transform)
+    q = _inverse_np(_quantiles(new_probs, new_edges, [0.5, 0.16, 0.84, 0.025, 0.975]), *transform)
     p_c = probs[idx, c]
     mean = probs[idx] @ centers - p_c * centers[c] + p_c * (fine_probs[idx] * sub_values).sum(axis=1)
     best = fine_probs[idx].argmax(axis=1)
@@ -809,3 +838,23 @@ def _refined_estimates(tok: ScalarTokenizer, probs: np.ndarray, fine_probs: np.n
                         ("p2_5", q[3]), ("p97_5", q[4])):
         out[name][idx] = value
     return ScalarEstimates(**out)
+
+
+def _refined_histogram(probs: np.ndarray, fine_probs: np.ndarray, coarse: np.ndarray, edges_u: np.ndarray,
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-object histograms (B, K-1+F) on edges (B, K+F): the most probable bin ``coarse`` split into
+    ``F`` equal sub-bins (transformed space) carrying ``probs[c] * fine_probs``. Rows with
+    ``coarse < 0`` (errors) are NaN."""
+    n, k = probs.shape
+    f = fine_probs.shape[1]
+    new_probs = np.full((n, k - 1 + f), np.nan)
+    new_edges = np.tile(np.linspace(0.0, 1.0, k + f), (n, 1))
+    for b in range(n):
+        c = int(coarse[b])
+        if c < 0:
+            continue
+        lo, hi = edges_u[c], edges_u[c + 1]
+        sub = lo + np.arange(f + 1) / f * (hi - lo)
+        new_edges[b] = np.concatenate([edges_u[:c], sub, edges_u[c + 2:]])
+        new_probs[b] = np.concatenate([probs[b, :c], probs[b, c] * fine_probs[b], probs[b, c + 1:]])
+    return new_probs, new_edges

@@ -78,6 +78,7 @@ def _specs(table: Mapping[str, ModalitySpec | Mapping[str, Any]]) -> dict[str, M
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized: tests and laptop runs.
     "tiny": {"dim": 64, "encoder_depth": 2, "decoder_depth": 2, "heads": 4},
+    "mini": {"dim": 128, "encoder_depth": 3, "decoder_depth": 3, "heads": 4},
     "small": {"dim": 256, "encoder_depth": 4, "decoder_depth": 4, "heads": 4},
     # AION-1 sizes (Base ~300M, Large ~800M, XLarge ~3B parameters).
     "base": {"dim": 768, "encoder_depth": 12, "decoder_depth": 12, "heads": 12},

@@ -1,0 +1,1 @@
+"""Measurements of pretrained models: zero-shot prediction (``aion zeroshot``)."""
