@@ -136,6 +136,14 @@ def _inference_inputs(args: argparse.Namespace, model_names: tuple[str, ...]):
                                    modalities=model_names)
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
+    if args.hf is not None:
+        from aion.inference.io import iter_hf_objects
+
+        try:
+            return iter_hf_objects(args.hf, args.hf_survey, batch_size=args.batch_size, split=args.split,
+                                   modalities=model_names)
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
+            raise SystemExit(f"error: {err}") from None
     from aion import modalities as registry
 
     join = list(args.join) if args.join is not None else [
@@ -352,9 +360,14 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--data", type=Path, default=None, help="MMU data root (objects = rows of --parent)")
     src.add_argument("--table", type=Path, default=None,
                      help="FITS / ECSV catalogue of scalar columns (e.g. FLUX_G, FLUX_IVAR_G)")
+    src.add_argument("--hf", default=None, metavar="SOURCE",
+                     help="one MMU survey as a Hugging Face dataset: save_to_disk folder, parquet file/folder or "
+                          "hub name (see --hf-survey, --split)")
     p.add_argument("--out", type=Path, required=True,
                    help="output table, .parquet or .fits (written to a temp file, renamed when complete)")
     p.add_argument("--parent", default="legacysurvey", help="--data: survey whose rows are the objects")
+    p.add_argument("--hf-survey", default="legacysurvey", help="--hf: which survey the dataset holds")
+    p.add_argument("--split", default="train", help="--hf: dataset split")
     p.add_argument("--join", nargs="*", default=None,
                    help="--data: surveys cross-matched onto the parent (default: every registered survey present)")
     p.add_argument("--config", default=None, help="--data: MMU config directory (default: all)")

@@ -176,3 +176,26 @@ def test_iter_objects_reads_only_the_columns_of_the_kept_modalities(setup, monke
     for name in (G, "hsc_mag_r"):
         np.testing.assert_array_equal(some.modalities[name].values, full.modalities[name].values)
         np.testing.assert_array_equal(some.modalities[name].ivar, full.modalities[name].ivar)
+
+
+def test_embed_from_a_hugging_face_dataset_matches_the_hdf5_source(setup, tmp_path):
+    from aion.data.mmu import hdf5_to_hf_dataset
+    from aion.inference.io import iter_hf_objects
+    from aion.mock.universe import MockConfig, generate
+
+    tmp, common, _ = setup
+    data = tmp / "mock_hf"
+    generate(data, MockConfig(n=10, seed=2, image_size=16, hsc_image_size=16), progress=False)
+    hf_dir = tmp_path / "saved"
+    hdf5_to_hf_dataset(data, "legacysurvey", cache_dir=tmp_path / "cache").save_to_disk(str(hf_dir))
+    base = [a for a in common if a not in ("--table", str(tmp / "cat.fits"))]
+    assert main(["embed", *base, "--data", str(data), "--join", "--out", str(tmp_path / "h5.parquet")]) == 0
+    assert main(["embed", *base, "--hf", str(hf_dir), "--out", str(tmp_path / "hf.parquet")]) == 0
+    a, b = _read(tmp_path / "h5.parquet"), _read(tmp_path / "hf.parquet")
+    assert a["object_id"].tolist() == b["object_id"].tolist() and len(a["object_id"]) == 10
+    np.testing.assert_array_equal(a["embedding"], b["embedding"])
+    # a resumed run starts at a row without reading the rows before it
+    tail = list(iter_hf_objects(hf_dir, batch_size=4, start=6))
+    assert np.concatenate([t.object_id for t in tail]).tolist() == a["object_id"].tolist()[6:]
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["embed", *base, "--hf", str(tmp_path / "missing"), "--out", str(tmp_path / "x.parquet")])

@@ -165,6 +165,64 @@ def iter_objects(data_root: PathLike, surveys: Sequence[str] = ("legacysurvey",)
     return stream.from_row(start) if start else stream
 
 
+# ---------------------------------------------------------------------------- Hugging Face datasets
+def _open_hf_dataset(source, split: str):
+    """A map-style ``datasets.Dataset`` (row count known, rows addressable) for any HF source."""
+    import datasets
+
+    from aion.data.mmu import _looks_local
+
+    if isinstance(source, datasets.DatasetDict):
+        if split not in source:
+            raise KeyError(f"split {split!r} not in the dataset (splits: {list(source)})")
+        return source[split]
+    if isinstance(source, datasets.Dataset):
+        return source
+    if isinstance(source, datasets.IterableDataset | datasets.IterableDatasetDict):
+        raise TypeError("a streaming (iterable) dataset has no row count or row access: load it map-style")
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        return _open_hf_dataset(datasets.load_from_disk(str(path)), split)
+    if path.is_file() or path.is_dir():
+        files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+        if path.is_file() and path.suffix != ".parquet":
+            raise ValueError(f"{path}: expected a .parquet file, a save_to_disk directory or a hub dataset name")
+        of_split = [f for f in files if f.name.startswith(f"{split}-") or split in f.relative_to(path).parts[:-1]]
+        files = of_split or files
+        if not files:
+            raise FileNotFoundError(f"{path}: no save_to_disk dataset (state.json) and no .parquet files inside")
+        return datasets.Dataset.from_parquet([str(f) for f in files])
+    if _looks_local(str(source)):
+        raise FileNotFoundError(f"{source}: no such file or directory (expected parquet or a save_to_disk directory)")
+    return datasets.load_dataset(str(source), split=split)
+
+
+def iter_hf_objects(source, survey: str = "legacysurvey", batch_size: int = 256, *, split: str = "train",
+                    modalities: Sequence[str] | None = None, start: int = 0) -> ObjectStream:
+    """Objects of one MMU survey stored as a Hugging Face dataset: a ``save_to_disk`` directory, a
+    parquet file or folder of them, a hub name (downloaded map-style, so the row count is known
+    and a resumed run can start at a row), or a ``datasets.Dataset``. Columns follow the MMU
+    layout (:func:`aion.data.mmu.iter_hf_dataset`); no cross-match (one survey per dataset)."""
+    from aion.data.mmu import arrow_to_columns
+
+    batch_size = _check_batch_size(batch_size)
+    if survey not in registry.surveys():
+        raise ValueError(f"survey {survey!r} is not registered (known: {sorted(registry.surveys())})")
+    ds = _open_hf_dataset(source, split)
+    n = ds.num_rows
+    keep = None if modalities is None else set(modalities)
+
+    def batches(first: int) -> Iterator[ObjectBatch]:
+        sub = ds.select(range(first, n)) if first else ds
+        for table in sub.with_format("arrow").iter(batch_size=batch_size):
+            batch = columns_to_survey_batch(arrow_to_columns(table), survey)
+            mods = {k: v for k, v in batch.modalities.items() if keep is None or k in keep}
+            yield ObjectBatch(np.asarray(batch.object_id), mods)
+
+    stream = ObjectStream(n, batches(0), reopen=batches)
+    return stream.from_row(start) if start else stream
+
+
 # ---------------------------------------------------------------------------- FITS / ECSV tables
 def default_column_mapping(columns: Sequence[str], modalities: Sequence[str] | None = None) -> dict[str, str]:
     """``{column: modality}`` for every registered scalar modality whose field is a column (exact name,
