@@ -159,6 +159,28 @@ def _load_inference_model(args: argparse.Namespace):
                                      max_inputs=args.max_inputs)
 
 
+def _tokenize(am, objects) -> tuple[dict, dict, dict[int, str]]:
+    """Tokens, presence and per-object tokenization failures (a rejected modality fails its objects)."""
+    failed: dict[int, str] = {}
+    tokens, present = am.tokenize(objects, errors=failed)
+    return tokens, present, failed
+
+
+def _fail_rows(errors: dict[int, str], failed: dict[int, str], *arrays) -> dict[int, str]:
+    """Merge tokenization failures into ``errors`` and blank those rows (NaN) in ``arrays``."""
+    import numpy as np
+
+    if not failed:
+        return errors
+    merged = dict(errors)
+    for b, msg in failed.items():
+        merged[b] = msg if b not in merged else f"{msg}; {merged[b]}"
+    rows = sorted(failed)
+    for a in arrays:
+        a[rows] = np.nan
+    return merged
+
+
 def _error_column(errors: dict[int, str], n: int) -> list[str]:
     return [errors.get(i, "") for i in range(n)]
 
@@ -214,10 +236,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         ids, objects = batch
         n = len(ids)
         if objects:
-            tokens, present = am.tokenize(objects)
+            tokens, present, failed = _tokenize(am, objects)
             res = am.embed(tokens, present, pooling=args.pooling, return_tokens=False)
-            vectors = res.pooled.float().numpy()
-            used, errors = res.tokens_used, res.errors
+            vectors = res.pooled.float().numpy().copy()
+            used, errors = res.tokens_used, _fail_rows(res.errors, failed, vectors)
         else:  # nothing the model reads in this batch
             width = am.model.cfg.dim if args.pooling == "mean" else len(am.names) * (am.model.cfg.dim + 1)
             vectors = np.full((n, width), np.nan, dtype=np.float32)
@@ -248,11 +270,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         objects = {k: v for k, v in objects.items() if k != args.target}  # never read the truth
         cols = {"object_id": ids}
         if objects:
-            tokens, present = am.tokenize(objects)
+            tokens, present, failed = _tokenize(am, objects)
             pred = am.predict_scalar(tokens, present, args.target)
             est = pred.refined if args.refined and pred.refined is not None else pred.estimates
-            cols.update({f: np.asarray(getattr(est, f), dtype=np.float64) for f in fields})
-            errors = pred.errors
+            cols.update({f: np.array(getattr(est, f), dtype=np.float64) for f in fields})
+            errors = _fail_rows(pred.errors, failed, *(cols[f] for f in fields))
         else:
             cols.update({f: np.full(n, np.nan) for f in fields})
             errors = _no_input(n)
@@ -333,13 +355,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         values = np.full((n, samples, *shape), np.nan, dtype=dtype)
         tokens_out = np.full((n, samples, size), -1, dtype=np.int32)
         if objects:
-            tokens, present = am.tokenize(objects)
+            tokens, present, failed = _tokenize(am, objects)
             res = am.generate(tokens, present, target, steps=args.steps, temperature=args.temperature,
                               schedule=args.schedule, seed=args.seed + row, num_samples=samples, decode=True)
             tokens_out = res.tokens.permute(1, 0, 2).numpy().astype(np.int32)
             values = _generated_values(res.decoded, column).astype(dtype)
             values[sorted(res.errors)] = np.nan  # decoded from filler tokens: meaningless
-            used, errors = res.tokens_used, res.errors
+            used, errors = res.tokens_used, _fail_rows(res.errors, failed, values)
+            tokens_out[sorted(failed)] = -1
         else:
             used, errors = {}, _no_input(n)
         cols = {"object_id": ids, "tokens": tokens_out, column: values}

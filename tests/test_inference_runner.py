@@ -263,3 +263,42 @@ def test_fingerprint_mismatch_and_restart(setup, monkeypatch):
     fresh = tmp / "fp_fresh.fits"
     assert main([*args, "--seed", "1", "--out", str(fresh)]) == 0
     assert _same(_read(out), _read(fresh))
+
+
+def _wrong_band_objects(n: int = 4):
+    """Objects whose Legacy image carries HSC bands (which the image tokenizer was not trained on);
+    object 2 has no image at all, so it is not affected."""
+    from aion.data.batches import ImageBatch
+
+    rng = np.random.default_rng(3)
+    flux = rng.normal(size=(n, 4, 8, 8)).astype(np.float32)
+    valid = np.ones(flux.shape, dtype=bool)
+    valid[2] = False
+    image = ImageBatch(flux=flux, ivar=np.ones_like(flux), valid=valid, bands=("hsc-g", "hsc-r", "hsc-i", "hsc-z"),
+                       pixel_scale=0.168, psf_fwhm=np.ones((n, 4), np.float32), zero_point=27.0)
+    return {G: ScalarBatch(name=G, values=rng.lognormal(size=n)), IMG: image}
+
+
+def test_a_modality_the_tokenizer_rejects_fails_its_objects_not_the_batch(setup, monkeypatch):
+    from aion.inference.io import ObjectBatch, ObjectStream
+
+    tmp, common, _ = setup
+    am = AionModel.from_pretrained(tmp / "model", tmp / "tokenizers")
+    objects = _wrong_band_objects()
+    with pytest.raises(ValueError, match="legacysurvey_image.*hsc-g"):
+        am.tokenize(objects)
+    failed: dict[int, str] = {}
+    tokens, present = am.tokenize(objects, errors=failed)
+    assert sorted(failed) == [0, 1, 3] and all("legacysurvey_image" in m and "band" in m for m in failed.values())
+    assert not present[IMG].any() and present[G].all()
+
+    ids = np.array([10, 11, 12, 13])
+    monkeypatch.setattr("aion.cli._inference_inputs",
+                        lambda args, names: ObjectStream(4, iter([ObjectBatch(ids, objects)])))
+    out = tmp / "wrong_bands.parquet"
+    assert main(["embed", *common, "--out", str(out), "--restart"]) == 0
+    t = pq.read_table(out)
+    errors = t["error"].to_pylist()
+    emb = np.array(t["embedding"].to_pylist())
+    assert [bool(e) for e in errors] == [True, True, False, True] and "hsc-g" in errors[0]
+    assert np.isnan(emb[[0, 1, 3]]).all() and np.isfinite(emb[2]).all()

@@ -254,13 +254,15 @@ class GBMBaseline:
         return cls(params=params, median_model=median_model, interval_models=intervals, validation=scores)
 
     def predict(self, x: np.ndarray) -> dict[float, np.ndarray]:
-        """{quantile: values} for 0.5 and the interval ends 0.16/0.84 and 0.025/0.975."""
+        """{quantile: values} for 0.5 and the interval ends 0.16/0.84 and 0.025/0.975; the intervals
+        are nested (separately fitted quantile models can cross: a wider one never ends inside a narrower one)."""
         med = self.median_model.predict(x)
         out = {0.5: med}
-        for coverage, (lo, hi, margin) in self.interval_models.items():
+        lo_in, hi_in = med, med
+        for coverage, (lo, hi, margin) in sorted(self.interval_models.items()):
             a = round((1 - coverage) / 2, 4)
-            out[a] = np.minimum(lo.predict(x) - margin, med)
-            out[round(1 - a, 4)] = np.maximum(hi.predict(x) + margin, med)
+            lo_in = out[a] = np.minimum(lo.predict(x) - margin, lo_in)
+            hi_in = out[round(1 - a, 4)] = np.maximum(hi.predict(x) + margin, hi_in)
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -395,11 +395,16 @@ class AionModel:
 
     # ------------------------------------------------------------------ tokenize
     @torch.no_grad()
-    def tokenize(self, objects: Mapping[str, ImageBatch | SpectrumBatch | ScalarBatch]) -> Tokenized:
+    def tokenize(self, objects: Mapping[str, ImageBatch | SpectrumBatch | ScalarBatch],
+                 errors: dict[int, str] | None = None) -> Tokenized:
         """Typed batches (one per modality, the same B objects each) -> tokens and presence.
 
         Presence comes from the batch (an image with no usable pixel, a spectrum with no valid
-        pixel, a NaN or zero-ivar scalar); only present objects are encoded.
+        pixel, a NaN or zero-ivar scalar); only present objects are encoded. A modality its
+        tokenizer rejects (e.g. image bands it was not trained on) raises ``ValueError``, unless
+        an ``errors`` dict is given: then that modality is marked absent and every object that had
+        it gets a message there (callers should treat those objects as failed, not silently use
+        the remaining modalities).
         """
         tokens, present, n = {}, {}, None
         for name in sorted(objects):
@@ -423,7 +428,14 @@ class AionModel:
             out = torch.zeros(len(batch), tok.num_tokens, dtype=torch.long)
             if mask.any():
                 idx = np.nonzero(mask)[0]
-                out[torch.from_numpy(idx)] = torch.as_tensor(tok.encode(batch.select(idx))).long().cpu()
+                try:
+                    out[torch.from_numpy(idx)] = torch.as_tensor(tok.encode(batch.select(idx))).long().cpu()
+                except ValueError as err:
+                    if errors is None:
+                        raise ValueError(f"modality {name!r}: {err}") from err
+                    for b in idx:
+                        _join(errors, int(b), f"modality {name!r} could not be tokenized: {err}")
+                    mask = np.zeros(len(batch), dtype=bool)
             tokens[name], present[name] = out, torch.from_numpy(np.asarray(mask, dtype=bool))
         return Tokenized(tokens, present)
 
