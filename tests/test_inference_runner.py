@@ -209,11 +209,11 @@ def _interrupt_after(monkeypatch, calls: int, exc: BaseException) -> list[int]:
     seen: list[int] = []
     original = AionModel.tokenize
 
-    def flaky(self, objects):
+    def flaky(self, objects, errors=None):
         if len(seen) == calls:
             raise exc
         seen.append(len(next(iter(objects.values()))))
-        return original(self, objects)
+        return original(self, objects, errors)
 
     monkeypatch.setattr(AionModel, "tokenize", flaky)
     return seen
