@@ -1,0 +1,135 @@
+"""Labelled objects for downstream evaluation: inputs (typed batches) + physical labels, row-aligned.
+
+The labels are the PROVABGS catalogue columns (``provabgs_*`` modalities, e.g. LOG_MSTAR),
+cross-matched onto the parent survey (Legacy Survey) like every other survey, so the same
+object has its images, photometry, spectrum and labels in one row. Objects without any of the
+requested labels are dropped; a label an object lacks is NaN (tasks skip those rows).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from aion import modalities as registry
+from aion.data.batches import ImageBatch, Modal, ScalarBatch, SpectrumBatch
+
+LEGACY_PHOTOMETRY = tuple(f"legacysurvey_flux_{b}" for b in ("g", "r", "i", "z", "w1", "w2", "w3", "w4"))
+INPUT_SETS: dict[str, tuple[str, ...]] = {
+    "photometry": LEGACY_PHOTOMETRY,
+    "photometry+image": (*LEGACY_PHOTOMETRY, "legacysurvey_image"),
+    "photometry+image+spectrum": (*LEGACY_PHOTOMETRY, "legacysurvey_image", "desi_spectrum"),
+}
+TARGETS = ("provabgs_log_mstar", "provabgs_z", "provabgs_ssfr", "provabgs_tage_mw", "provabgs_z_mw")
+
+
+@dataclass
+class LabelledSet:
+    """N objects: ``inputs[modality]`` typed batches of N rows (absent rows marked as such inside the
+    batch), ``labels[target]`` (N,) float64 with NaN where unknown."""
+
+    object_id: np.ndarray
+    inputs: dict[str, Modal]
+    labels: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return int(self.object_id.shape[0])
+
+    def select(self, index) -> LabelledSet:
+        index = np.asarray(index)
+        return LabelledSet(object_id=self.object_id[index],
+                           inputs={k: v.select(index) for k, v in self.inputs.items()},
+                           labels={k: v[index] for k, v in self.labels.items()})
+
+    def restrict(self, modalities: Sequence[str]) -> dict[str, Modal]:
+        """The inputs of one input set (modalities this set lacks are simply absent)."""
+        return {k: v for k, v in self.inputs.items() if k in modalities}
+
+    def has_label(self, target: str) -> np.ndarray:
+        return np.isfinite(self.labels[target])
+
+
+def _concat(parts: list[Modal]) -> Modal:
+    first = parts[0]
+    if isinstance(first, ScalarBatch):
+        ivar = None if any(p.ivar is None for p in parts) else np.concatenate([p.ivar for p in parts])
+        return ScalarBatch(name=first.name, values=np.concatenate([p.values for p in parts]), ivar=ivar)
+    if isinstance(first, ImageBatch):
+        if any(p.bands != first.bands or p.pixel_scale != first.pixel_scale for p in parts):
+            raise ValueError("image batches to concatenate have different bands or pixel scales")
+        return ImageBatch(flux=np.concatenate([p.flux for p in parts]), ivar=np.concatenate([p.ivar for p in parts]),
+                          valid=np.concatenate([p.valid for p in parts]), bands=first.bands,
+                          pixel_scale=first.pixel_scale, psf_fwhm=np.concatenate([p.psf_fwhm for p in parts]),
+                          zero_point=first.zero_point)
+    if isinstance(first, SpectrumBatch):
+        width = max(p.flux.shape[1] for p in parts)
+
+        def pad(a: np.ndarray, fill) -> np.ndarray:
+            return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)
+
+        lsf = None if any(p.lsf_sigma is None for p in parts) else np.concatenate(
+            [pad(p.lsf_sigma, 0.0) for p in parts])
+        return SpectrumBatch(flux=np.concatenate([pad(p.flux, 0.0) for p in parts]),
+                             ivar=np.concatenate([pad(p.ivar, 0.0) for p in parts]),
+                             wavelength=np.concatenate([pad(np.broadcast_to(p.wavelength, p.flux.shape), -1.0)
+                                                        for p in parts]),
+                             valid=np.concatenate([pad(p.valid, False) for p in parts]), lsf_sigma=lsf)
+    raise TypeError(type(first).__name__)
+
+
+def load_labelled_set(data_root: str | os.PathLike, targets: Sequence[str] = TARGETS,
+                      modalities: Sequence[str] | None = None, *, parent: str = "legacysurvey",
+                      surveys: Sequence[str] = ("desi", "provabgs"), batch_size: int = 256,
+                      max_objects: int | None = None) -> LabelledSet:
+    """Every object of ``data_root`` with at least one of ``targets``, with the ``modalities``
+    (default: those of every input set) read through the usual one-to-one sky cross-match."""
+    from aion.inference.io import _expand, iter_objects
+
+    for t in targets:
+        mod = registry.modality(t)  # KeyError names the known ones
+        if mod.kind != "scalar":
+            raise ValueError(f"target {t!r} is a {mod.kind} modality; targets must be scalars")
+    mods = sorted({m for s in INPUT_SETS.values() for m in s} if modalities is None else set(modalities))
+    wanted = sorted({*mods, *targets})
+    join = [s for s in surveys if s != parent]
+    ids, labels, inputs = [], {t: [] for t in targets}, {m: [] for m in mods}
+    n = 0
+    for batch_ids, objects in iter_objects(data_root, [parent, *join], batch_size=batch_size, modalities=wanted):
+        have = np.zeros(len(batch_ids), dtype=bool)
+        for t in targets:
+            if t in objects:
+                have |= objects[t].valid
+        rows = np.nonzero(have)[0]
+        if max_objects is not None:
+            rows = rows[: max(0, max_objects - n)]
+        if rows.size == 0:
+            continue
+        n += rows.size
+        ids.append(np.asarray(batch_ids)[rows])
+        for t in targets:
+            vals = np.full(rows.size, np.nan)
+            if t in objects:
+                sub = objects[t].select(rows)
+                vals = np.where(sub.valid, sub.values, np.nan)
+            labels[t].append(vals)
+        for m in mods:
+            if m in objects:
+                inputs[m].append(objects[m].select(rows))
+            else:
+                inputs[m].append(rows.size)  # no object of this batch has it: filled in below
+        if max_objects is not None and n >= max_objects:
+            break
+    if not ids:
+        raise ValueError(f"{data_root}: no object has any of the targets {list(targets)}")
+    out_inputs: dict[str, Modal] = {}
+    for m, parts in inputs.items():
+        real = [p for p in parts if not isinstance(p, int)]
+        if not real:
+            continue
+        out_inputs[m] = _concat([p if not isinstance(p, int) else _expand(real[0], np.zeros(0, np.int64), p)
+                                 for p in parts])
+    return LabelledSet(object_id=np.concatenate(ids), inputs=out_inputs,
+                       labels={t: np.concatenate(v) for t, v in labels.items()})
