@@ -520,9 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="independent samples per object (default 1)")
     p.set_defaults(func=_cmd_generate)
 
-    from aion.evaluation.cli import add_zeroshot_parser
+    from aion.evaluation.cli import add_evaluate_parser, add_zeroshot_parser
 
     add_zeroshot_parser(sub)
+    add_evaluate_parser(sub)
 
     p = sub.add_parser("modalities", help="list the registered modalities")
     p.add_argument("--json", action="store_true")

@@ -50,3 +50,49 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     print((args.out / "report.md").read_text())
     print(f"written to {args.out.resolve()}")
     return 0
+
+
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="downstream evaluation suite: probes, fine-tuning and from-scratch baselines on the same "
+                         "splits, low-data curves, Markdown report",
+        description="Runs every (target, input set, method, labelled-set size, seed) of a suite "
+                    "(evaluation/*.yaml) on the labelled objects of --data and writes report.md, results.json "
+                    "(every number), results.jsonl (one line per run; rerun to resume) and PNGs into --out.")
+    p.add_argument("--tasks", type=Path, required=True, help="suite YAML, e.g. evaluation/quick.yaml")
+    p.add_argument("--data", type=Path, required=True, help="MMU data root with PROVABGS labels (not pretraining data)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", type=Path, default=None, help="exported model folder (omit for baselines only)")
+    p.add_argument("--tokenizers", type=Path, default=None,
+                   help="the model's tokenizers (default: MODEL/tokenizers when it exists)")
+    p.add_argument("--max-objects", type=int, default=None, help="labelled objects to read (default: the suite's)")
+    p.add_argument("--restart", action="store_true", help="discard results.jsonl of an earlier run")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from aion.evaluation.suite import load_suite, run_suite
+
+    try:
+        cfg = load_suite(args.tasks)
+        if args.max_objects is not None:
+            if args.max_objects < 1:
+                raise ValueError(f"--max-objects must be >= 1, got {args.max_objects}")
+            cfg = dataclasses.replace(cfg, max_objects=args.max_objects)
+        tokenizers = args.tokenizers
+        if args.model is not None and tokenizers is None:
+            if not (args.model / "tokenizers").is_dir():
+                raise ValueError(f"--tokenizers is required: {args.model}/tokenizers does not exist")
+            tokenizers = args.model / "tokenizers"
+        if args.model is None:
+            cfg = dataclasses.replace(cfg, fm_methods=(), finetune=())
+        run_suite(cfg, args.data, args.out, model_dir=args.model, tokenizers_dir=tokenizers, restart=args.restart,
+                  progress=not args.quiet)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print((args.out / "report.md").read_text())
+    print(f"written to {args.out.resolve()}")
+    return 0
