@@ -17,7 +17,11 @@ Strategies (``MaskingConfig.strategy``):
 - ``"aion"`` (AION-1): an *anchor* modality is drawn uniformly among the present input
   modalities and a uniform number ``1..min(input_budget, its tokens)`` of its tokens become
   inputs; the rest of the input budget is filled with tokens drawn uniformly from the other
-  present input modalities (pooled). Targets: every present modality with tokens left asks for
+  present input modalities (pooled). When the object is too small for the budget to bind (the
+  other modalities hold no more tokens than the room left), filling it would make every token
+  an input and leave nothing to predict, so a uniform ``0..n_other-1`` of them are drawn
+  instead (and a lone modality keeps at least one token back); with AION-1's shapes (256
+  inputs, 576-token images) the budget nearly always binds. Targets: every present modality with tokens left asks for
   ``max(1, ceil(f_m * tokens_left_m))`` of them, ``f_m ~ Beta(*target_beta)`` drawn per
   modality (the default ``Beta(0.5, 2)``, mean 0.2, is skewed towards few), and when the asks
   exceed ``target_budget`` they are scaled down in proportion (:func:`split_budget`). So each
@@ -199,10 +203,16 @@ class MaskingSampler:
         if not can_input:
             return {}, {}
         anchor = can_input[rng.integers(len(can_input))]
-        n_anchor = int(rng.integers(1, min(cfg.input_budget, sizes[anchor]) + 1))
-        inputs = {anchor: rng.choice(sizes[anchor], n_anchor, replace=False)}
         others = {n: np.arange(sizes[n]) for n in can_input if n != anchor}
-        inputs.update(_draw_pooled(others, cfg.input_budget - n_anchor, rng))
+        n_other = sum(sizes[n] for n in others)
+        most = min(cfg.input_budget, sizes[anchor] - (1 if n_other == 0 and sizes[anchor] > 1 else 0))
+        n_anchor = int(rng.integers(1, most + 1))
+        inputs = {anchor: rng.choice(sizes[anchor], n_anchor, replace=False)}
+        room = cfg.input_budget - n_anchor
+        # a budget that does not bind would make every token an input and leave nothing to predict:
+        # then the other modalities give a uniform 0..n_other-1 tokens (AION-1 shapes always bind)
+        fill = room if n_other > room else int(rng.integers(0, max(n_other, 1)))
+        inputs.update(_draw_pooled(others, fill, rng))
         left = _remaining(sizes, inputs)
         targets = {}
         if left and cfg.target_budget > 0:
