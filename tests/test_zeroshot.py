@@ -326,7 +326,7 @@ def test_zeroshot_writes_metrics_report_predictions_and_plots(e2e, e2e_run):
 
     spec = on_disk["spectrum_generation"]
     assert spec["n"] == e2e["n_held"]  # every mock DESI object has a spectrum
-    assert set(spec) == {"n", "foundation model, 1 sample", "foundation model, mean of 2 samples",
+    assert set(spec) == {"n", "foundation model, 1 sample", "foundation model, median of 2 samples",
                          "1-nearest neighbour in photometry", "3-nearest neighbours (mean) in photometry",
                          "noiseless truth (floor)"}
     for name, s in spec.items():
@@ -350,7 +350,7 @@ def test_zeroshot_writes_metrics_report_predictions_and_plots(e2e, e2e_run):
     for tag in ("fm_photometry", "fm_photometry_image"):
         pit = a[f"{tag}_pit"]
         assert pit.shape == (n,) and ((pit >= 0) & (pit <= 1)).all()
-    for key in ("gen_chi2", "genmean_chi2", "nn1_chi2", "nn3_chi2", "truth_chi2", "gen_r2", "nn1_r2"):
+    for key in ("gen_chi2", "genmedian_chi2", "nn1_chi2", "nn3_chi2", "truth_chi2", "gen_r2", "nn1_r2"):
         assert a[key].shape == (n,) and np.isfinite(a[key]).all(), key
     np.testing.assert_array_equal(a["spec_object_id"], ids)
     # the summary is the median of the per-object values

@@ -33,7 +33,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from torch.nn import functional as F
 from aion import modalities as registry
 from aion.data.batches import ImageBatch, Modal, ScalarBatch, SpectrumBatch
 from aion.evaluation.labelled import INPUT_SETS, LabelledSet
+from aion.evaluation.labelled import Method as _Method
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +53,7 @@ MIN_VAL = 2
 """Fewest labelled validation rows (early stopping and model choice need some)."""
 
 
-@runtime_checkable
-class Method(Protocol):
-    """One way of predicting a target from an input set; every method of a report implements this."""
-
-    name: str
-
-    def fit(self, train: LabelledSet, val: LabelledSet, target: str, input_set: tuple[str, ...],
-            seed: int) -> Method: ...
-
-    def predict(self, data: LabelledSet) -> np.ndarray: ...
+Method = _Method  # re-exported: one protocol for every method (aion.evaluation.labelled.Method)
 
 
 # ---------------------------------------------------------------------------- shared checks

@@ -25,28 +25,19 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from aion.evaluation.labelled import INPUT_SETS, LabelledSet
+from aion.evaluation.labelled import Method as _Method
 from aion.inference.model import AionModel
 
 log = logging.getLogger(__name__)
 
 
-@runtime_checkable
-class Method(Protocol):
-    """A trainable predictor of one scalar label from one input set (probes, fine-tuning, baselines)."""
-
-    name: str
-
-    def fit(self, train: LabelledSet, val: LabelledSet, target: str, input_set: tuple[str, ...],
-            seed: int) -> Method: ...
-
-    def predict(self, data: LabelledSet) -> np.ndarray: ...
+Method = _Method  # re-exported: one protocol for every method (aion.evaluation.labelled.Method)
 
 
 # ---------------------------------------------------------------------------- task checks

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -133,3 +134,16 @@ def load_labelled_set(data_root: str | os.PathLike, targets: Sequence[str] = TAR
                                  for p in parts])
     return LabelledSet(object_id=np.concatenate(ids), inputs=out_inputs,
                        labels={t: np.concatenate(v) for t, v in labels.items()})
+
+
+@runtime_checkable
+class Method(Protocol):
+    """A trainable predictor of one scalar label from one input set: foundation-model heads,
+    fine-tuning and from-scratch baselines all implement it, so a suite treats them alike."""
+
+    name: str
+
+    def fit(self, train: LabelledSet, val: LabelledSet, target: str, input_set: tuple[str, ...],
+            seed: int) -> Method: ...
+
+    def predict(self, data: LabelledSet) -> np.ndarray: ...

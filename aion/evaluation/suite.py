@@ -93,12 +93,18 @@ def _method_factories(cfg: SuiteConfig, am) -> dict[str, tuple[str, Callable[[st
         if b == "gbm":
             out["GBM"] = ("baseline", lambda s: bl.GBMBaseline())
         else:
-            out["net"] = ("baseline", lambda s: bl.SupervisedNet(name="mlp" if s == "photometry" else "cnn"))
+            out["net"] = ("baseline", lambda s: bl.PhotometryMLP() if _kinds(s) == {"scalar"} else bl.SupervisedNet())
     return out
 
 
+def _kinds(input_set: str) -> set[str]:
+    from aion import modalities as registry
+
+    return {registry.modality(m).kind for m in INPUT_SETS[input_set]}
+
+
 def _applies(method: str, input_set: str, size, cfg: SuiteConfig) -> bool:
-    if method == "GBM" and input_set != "photometry":
+    if method == "GBM" and _kinds(input_set) != {"scalar"}:  # trees read photometry only
         return False
     if method.startswith("FM finetune") and cfg.finetune_sizes is not None and size not in cfg.finetune_sizes:
         return False
@@ -107,7 +113,7 @@ def _applies(method: str, input_set: str, size, cfg: SuiteConfig) -> bool:
 
 def _display(method: str, input_set: str) -> str:
     if method == "net":
-        return "MLP" if input_set == "photometry" else "CNN"
+        return "MLP" if _kinds(input_set) == {"scalar"} else "CNN"
     return method
 
 
