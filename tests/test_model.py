@@ -202,3 +202,32 @@ def test_config_from_dicts_with_unknown_key_errors(tmp_path):
     assert modality_specs_from_index(tmp_path) == {"x": ModalitySpec(num_tokens=3, vocab_size=9)}
     with pytest.raises(ValueError, match="'y'"):
         modality_specs_from_index(index, ["y"])
+
+
+def test_ordinal_soft_targets_reward_near_misses_and_stay_in_their_range():
+    from aion.model import ModalitySpec, preset
+
+    spec = {"z": ModalitySpec(num_tokens=2, vocab_size=20, ordinal=((0, 16), (16, 20))),
+            "img": ModalitySpec(num_tokens=4, vocab_size=8)}
+    plain = FourM(preset("tiny", spec, dim=16))
+    soft = FourM(preset("tiny", spec, dim=16, ordinal_sigma=2.0))
+    y = torch.tensor([5, 15, 17])
+    logits = torch.randn(3, 20)
+    assert torch.allclose(plain._token_ce("z", logits, y), torch.nn.functional.cross_entropy(logits, y,
+                                                                                             reduction="none"))
+    assert torch.allclose(soft._token_ce("img", logits[:, :8], y % 8),
+                          torch.nn.functional.cross_entropy(logits[:, :8], y % 8, reduction="none"))
+    # a prediction peaked one bin off scores better than one peaked eight bins off (plain CE: equal)
+    near, far = torch.full((1, 20), -10.0), torch.full((1, 20), -10.0)
+    near[0, 6], far[0, 13] = 10.0, 10.0
+    t = torch.tensor([5])
+    assert soft._token_ce("z", near, t) < soft._token_ce("z", far, t) - 2
+    assert torch.allclose(plain._token_ce("z", near, t), plain._token_ce("z", far, t))
+    # the target never leaks across the coarse / fine boundary: mass beyond id 15 costs nothing extra
+    edge = torch.full((1, 20), -10.0)
+    edge[0, 14:16] = 10.0
+    inside = soft._token_ce("z", edge, torch.tensor([15]))
+    edge[0, 16] = 10.0  # also put mass on the first fine id
+    assert soft._token_ce("z", edge, torch.tensor([15])) > inside
+    with pytest.raises(ValueError, match="ordinal range"):
+        ModalitySpec(num_tokens=1, vocab_size=10, ordinal=((0, 11),))

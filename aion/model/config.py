@@ -28,11 +28,21 @@ class ModalitySpec:
     """Token positions per object (576 for a 24x24 image grid, 1 or 2 for a scalar)."""
     vocab_size: int
     """Token ids are in ``[0, vocab_size)``."""
+    ordinal: tuple[tuple[int, int], ...] = ()
+    """Id ranges ``[lo, hi)`` of ordered bins (scalar tokens; from the tokenizer via the token index),
+    where :attr:`ModelConfig.ordinal_sigma` spreads the training target over neighbouring bins."""
 
     def __post_init__(self) -> None:
         if int(self.num_tokens) < 1 or int(self.vocab_size) < 1:
             raise ValueError(f"num_tokens and vocab_size must be >= 1, got {self.num_tokens}, {self.vocab_size}")
         self.num_tokens, self.vocab_size = int(self.num_tokens), int(self.vocab_size)
+        ranges = tuple((int(lo), int(hi)) for lo, hi in self.ordinal)
+        for lo, hi in ranges:
+            if not 0 <= lo < hi <= self.vocab_size:
+                raise ValueError(f"ordinal range [{lo}, {hi}) is not inside [0, {self.vocab_size})")
+        if any(a[1] > b[0] for a, b in zip(sorted(ranges), sorted(ranges)[1:], strict=False)):
+            raise ValueError(f"ordinal ranges {ranges} overlap")
+        self.ordinal = ranges
 
 
 @dataclass(kw_only=True)
@@ -50,6 +60,11 @@ class ModelConfig:
     norm_eps: float = 1e-6
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass: less activation memory for ~30% more compute."""
+    ordinal_sigma: float = 0.0
+    """Training targets of ordinal tokens (scalar bins, :attr:`ModalitySpec.ordinal`) become a Gaussian
+    of this many bins around the true bin (0 = plain cross-entropy). Plain cross-entropy gives a
+    neighbouring bin no more credit than a far one, so a 1024-bin scalar learns slowly; the price is
+    a predicted PDF broadened by about this many bins."""
     modalities: dict[str, ModalitySpec] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -60,6 +75,8 @@ class ModelConfig:
                              f"{self.encoder_depth}, {self.decoder_depth}")
         if self.mlp_ratio <= 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"mlp_ratio must be > 0 and dropout in [0, 1), got {self.mlp_ratio}, {self.dropout}")
+        if self.ordinal_sigma < 0:
+            raise ValueError(f"ordinal_sigma must be >= 0, got {self.ordinal_sigma}")
         if not self.modalities:
             raise ValueError("modalities: empty; take the table from the token index (modality_specs_from_index)")
         self.modalities = _specs(self.modalities)
@@ -125,7 +142,8 @@ def modality_specs_from_index(index: Mapping[str, Any] | str | os.PathLike,
     missing = [n for n in names if n not in table]
     if missing:
         raise ValueError(f"token index has no modality {missing}; it has {sorted(table)}")
-    return {n: ModalitySpec(num_tokens=table[n]["num_tokens"], vocab_size=table[n]["vocab_size"])
+    return {n: ModalitySpec(num_tokens=table[n]["num_tokens"], vocab_size=table[n]["vocab_size"],
+                            ordinal=tuple(tuple(r) for r in table[n].get("ordinal", ())))
             for n in sorted(names)}
 
 

@@ -260,6 +260,27 @@ class FourM(nn.Module):
         order, counts = self._group(mod, mask)
         return self._heads(self._decode(mod, pos, mask, context, context_mask), order, counts), (*target, order, counts)
 
+    def _token_ce(self, name: str, logits: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy per target slot; for ordinal tokens with ``cfg.ordinal_sigma > 0`` against a
+        Gaussian over the true bin's neighbours inside its ordinal range (truncated at 4 sigma)."""
+        ranges = self.cfg.modalities[name].ordinal
+        sigma = self.cfg.ordinal_sigma
+        if not ranges or sigma <= 0 or y.numel() == 0:
+            return F.cross_entropy(logits, y, reduction="none")
+        ids = torch.arange(logits.shape[1], device=y.device)
+        lo = torch.zeros_like(y)
+        hi = torch.zeros_like(y)
+        for a, b in ranges:
+            inside = (y >= a) & (y < b)
+            lo = torch.where(inside, a, lo)
+            hi = torch.where(inside, b, hi)
+        d = (ids[None, :] - y[:, None]).float()
+        keep = (ids[None, :] >= lo[:, None]) & (ids[None, :] < hi[:, None]) & (d.abs() <= 4 * sigma)
+        keep |= ids[None, :] == y[:, None]  # ids outside every range keep a one-hot target
+        w = torch.exp(-0.5 * (d / sigma) ** 2) * keep
+        q = w / w.sum(dim=1, keepdim=True)
+        return -(q * F.log_softmax(logits, dim=-1)).sum(dim=1)
+
     def forward(self, batch: Batch) -> dict[str, Tensor | dict[str, Tensor]]:
         """Loss on a packed batch.
 
@@ -271,8 +292,7 @@ class FourM(nn.Module):
         """
         logits, (tokens, _, _, _, order, counts) = self._logits_and_targets(batch)
         labels = torch.split(tokens.flatten()[order], counts)
-        ces = [F.cross_entropy(logits[name].float(), y, reduction="none") for name, y in zip(self.names, labels,
-                                                                                            strict=True)]
+        ces = [self._token_ce(name, logits[name].float(), y) for name, y in zip(self.names, labels, strict=True)]
         token_loss = torch.zeros(tokens.numel(), dtype=torch.float32, device=tokens.device)
         token_loss[order] = torch.cat(ces)
         per_modality = {name: ce.mean() for name, ce, n in zip(self.names, ces, counts, strict=True) if n}

@@ -68,6 +68,12 @@ class Tokenizer(ABC):
     def vocab_size(self) -> int:
         """Token values lie in [0, vocab_size)."""
 
+    @property
+    def ordinal_ranges(self) -> tuple[tuple[int, int], ...]:
+        """Token-id ranges ``[lo, hi)`` whose ids are ordered bins of one quantity (scalar tokens),
+        so a near miss is better than a far one; empty for codebook tokens (images, spectra)."""
+        return ()
+
     @abstractmethod
     def encode(self, batch: Any) -> torch.Tensor:
         """Typed batch -> LongTensor[B, num_tokens]."""

@@ -169,7 +169,8 @@ def pretokenize(data_root: str | os.PathLike, tokenizers: dict[str, Tokenizer] |
         "joins": {j.survey: {"matched": j.n_matched, "duplicates_dropped": j.n_duplicates_dropped} for j in joined},
         "modalities": {name: {"num_tokens": tok.num_tokens, "vocab_size": tok.vocab_size,
                               "survey": registry.modality(name).survey, "present": counts[name],
-                              "role": registry.modality(name).role}
+                              "role": registry.modality(name).role,
+                              "ordinal": [list(r) for r in tok.ordinal_ranges]}
                        for name, tok in sorted(served.items())},
     }
     _atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2))

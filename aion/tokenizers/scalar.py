@@ -226,6 +226,11 @@ class ScalarTokenizer(Tokenizer):
         return self.binning.n_bins + self.fine_bins
 
     @property
+    def ordinal_ranges(self) -> tuple[tuple[int, int], ...]:
+        n = self.binning.n_bins
+        return ((0, n), (n, n + self.fine_bins)) if self.fine_bins else ((0, n),)
+
+    @property
     def fitted(self) -> bool:
         return self.binning.fitted
 

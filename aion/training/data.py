@@ -118,8 +118,7 @@ def merged_specs(roots: Sequence[TokenShardDataset]) -> dict[str, ModalitySpec]:
     owner: dict[str, str] = {}
     for root in roots:
         for name, spec in root.specs().items():
-            if name in table and (table[name].num_tokens, table[name].vocab_size) != (spec.num_tokens,
-                                                                                      spec.vocab_size):
+            if name in table and table[name] != spec:
                 raise ValueError(f"modality {name!r}: {owner[name]} has {table[name]}, {root.root} has {spec}; "
                                  "datasets mixed in one run must share each modality's tokenizer")
             table.setdefault(name, spec)
