@@ -176,7 +176,8 @@ def test_export_and_load_give_identical_logits(tokens, reference_run, tmp_path):
 
     out = export_model(reference_run, tmp_path / "export")
     meta = json.loads((out / "config.json").read_text())
-    assert meta["architecture"] == "FourM" and meta["modalities"]["desi_z"] == {"num_tokens": 2, "vocab_size": 1088}
+    assert meta["architecture"] == "FourM" and meta["modalities"]["desi_z"] == {"num_tokens": 2, "vocab_size": 1088,
+                                                                               "ordinal": [[0, 1024], [1024, 1088]]}
     loaded = load_pretrained(out)
     source = FourM(ckpt.load_model_config(ckpt.latest_checkpoint(reference_run) / ckpt.MODEL_CONFIG))
     source.load_state_dict(final_weights(reference_run))
