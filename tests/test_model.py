@@ -231,3 +231,28 @@ def test_ordinal_soft_targets_reward_near_misses_and_stay_in_their_range():
     assert soft._token_ce("z", edge, torch.tensor([15])) > inside
     with pytest.raises(ValueError, match="ordinal range"):
         ModalitySpec(num_tokens=1, vocab_size=10, ordinal=((0, 11),))
+
+
+def test_ordinal_code_makes_neighbouring_scalar_bins_alike():
+    from aion.model import ModalitySpec, preset
+
+    spec = {"z": ModalitySpec(num_tokens=1, vocab_size=64, ordinal=((0, 64),)),
+            "img": ModalitySpec(num_tokens=4, vocab_size=64)}
+    torch.manual_seed(0)
+    model = FourM(preset("tiny", spec, dim=32, ordinal_features=8))
+    ids = torch.arange(64)
+
+    def rows(name):
+        off = model.vocab_offset[model.index[name]]
+        emb = model.token_emb(ids + off)
+        return emb + model._ordinal_code(model.ordinal_place[ids + off])
+
+    z, img = rows("z"), rows("img")
+    cos = torch.nn.functional.cosine_similarity
+    near, far = cos(z[:-1], z[1:]).mean(), cos(z[:8], z[-8:]).mean()
+    assert near > 0.75 and near > far + 0.3, (near, far)  # neighbours alike, far bins not
+    assert cos(img[:-1], img[1:]).mean().abs() < 0.3  # codebook ids keep independent embeddings
+    assert torch.equal(model._ordinal_code(model.ordinal_place[ids + model.vocab_offset[model.index["img"]]]),
+                       torch.zeros(64, 32))
+    plain = FourM(preset("tiny", spec, dim=32))
+    assert plain.ordinal_emb is None and model.num_parameters(True) == plain.num_parameters(True)

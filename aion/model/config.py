@@ -60,6 +60,11 @@ class ModelConfig:
     norm_eps: float = 1e-6
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass: less activation memory for ~30% more compute."""
+    ordinal_features: int = 0
+    """Frequencies of a smooth code of each ordinal id's place in its range, linearly projected and
+    added to its (still learned) token embedding (0 = off). Quantile bins of a scalar are ordered,
+    but independent random embeddings do not know it: each of 1024 rows must be learned from the
+    few objects in its bin. With the code, an input flux is continuous from the first step."""
     ordinal_sigma: float = 0.0
     """Training targets of ordinal tokens (scalar bins, :attr:`ModalitySpec.ordinal`) become a Gaussian
     of this many bins around the true bin (0 = plain cross-entropy). Plain cross-entropy gives a
@@ -75,6 +80,8 @@ class ModelConfig:
                              f"{self.encoder_depth}, {self.decoder_depth}")
         if self.mlp_ratio <= 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"mlp_ratio must be > 0 and dropout in [0, 1), got {self.mlp_ratio}, {self.dropout}")
+        if self.ordinal_features < 0:
+            raise ValueError(f"ordinal_features must be >= 0, got {self.ordinal_features}")
         if self.ordinal_sigma < 0:
             raise ValueError(f"ordinal_sigma must be >= 0, got {self.ordinal_sigma}")
         if not self.modalities:

@@ -128,6 +128,18 @@ class FourM(nn.Module):
         vocab = torch.tensor([s.vocab_size for s in specs.values()])
         self.token_emb = nn.Embedding(sum(s.vocab_size for s in specs.values()), d)
         self.register_buffer("vocab_offset", torch.cumsum(vocab, 0) - vocab, persistent=False)
+        # Ordinal ids (scalar bins) also get a smooth code of their place in their range, so that
+        # neighbouring bins start out alike instead of as unrelated random rows (see ModelConfig).
+        self.ordinal_emb = None
+        if cfg.ordinal_features > 0:
+            place = torch.full((int(vocab.sum()),), -1.0)
+            offset = 0
+            for s in specs.values():
+                for lo, hi in s.ordinal:
+                    place[offset + lo: offset + hi] = (torch.arange(hi - lo) + 0.5) / (hi - lo)
+                offset += s.vocab_size
+            self.register_buffer("ordinal_place", place, persistent=False)
+            self.ordinal_emb = nn.Linear(2 * cfg.ordinal_features + 1, d)
         # Modality and position embeddings, separately for the encoder (added to token content)
         # and the decoder (they are the whole query). Positions of all modalities live in one
         # table: modality m owns rows pos_offset[m] .. pos_offset[m] + num_tokens[m] - 1.
@@ -169,7 +181,8 @@ class FourM(nn.Module):
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; ``exclude_embeddings`` drops token/position/modality tables and heads."""
-        skip = ("token_emb.", "to_logits.", "enc_modality_emb.", "dec_modality_emb.", "enc_pos_emb", "dec_pos_emb")
+        skip = ("token_emb.", "to_logits.", "enc_modality_emb.", "dec_modality_emb.", "enc_pos_emb", "dec_pos_emb",
+                "ordinal_emb.")
         return sum(p.numel() for n, p in self.named_parameters()
                    if not (exclude_embeddings and n.startswith(skip)))
 
@@ -211,12 +224,22 @@ class FourM(nn.Module):
 
     def _encode(self, tokens: Tensor, mod: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
         rows = torch.where(mask, tokens + self.vocab_offset[mod], 0)
-        x = self.token_emb(rows) * mask[..., None].to(self.token_emb.weight.dtype)
+        x = self.token_emb(rows)
+        if self.ordinal_emb is not None:
+            x = x + self._ordinal_code(self.ordinal_place[rows]).to(x.dtype)
+        x = x * mask[..., None].to(x.dtype)
         x = x + self.enc_modality_emb(mod) + self.enc_pos_emb[self.pos_offset[mod] + pos]
         keys = _key_mask(mask)
         for block in self.encoder:
             x = self._run(block, x, keys)
         return self.enc_norm(x)
+
+    def _ordinal_code(self, place: Tensor) -> Tensor:
+        """Linear map of [u, sin(pi k u), cos(pi k u)] (k = 1..F) for ordinal ids (u in (0, 1)); 0 for others."""
+        k = torch.arange(1, self.cfg.ordinal_features + 1, device=place.device, dtype=torch.float32)
+        u = place.float().clamp_min(0.0)[..., None]
+        feats = torch.cat([u, torch.sin(math.pi * k * u), torch.cos(math.pi * k * u)], dim=-1)
+        return self.ordinal_emb(feats.to(self.ordinal_emb.weight.dtype)) * (place >= 0)[..., None]
 
     def _decode(self, mod: Tensor, pos: Tensor, mask: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
         x = self.dec_modality_emb(mod) + self.dec_pos_emb[self.pos_offset[mod] + pos]
