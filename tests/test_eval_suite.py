@@ -7,15 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_models import export_tiny_model, specs_of
 
 from aion.cli import main
 from aion.data.batches import ScalarBatch
 from aion.evaluation.labelled import LEGACY_PHOTOMETRY, load_labelled_set
 from aion.evaluation.suite import SuiteConfig, load_suite, run_suite
-from aion.model import FourM, ModalitySpec, preset
 from aion.tokenizers.binning import QuantileBinning
 from aion.tokenizers.scalar import ScalarTokenizer
-from aion.training.checkpoint import COMPLETE, MODEL_CONFIG, WEIGHTS, export_model, save_model_config, save_weights
 
 torch.set_num_threads(1)
 TARGETS = ("provabgs_log_mstar", "provabgs_z")
@@ -34,15 +33,7 @@ def world(tmp_path_factory):
     for name in LEGACY_PHOTOMETRY:
         b = labelled.inputs[name]
         toks[name] = ScalarTokenizer(name, QuantileBinning(16)).fit(ScalarBatch(name=name, values=b.values[b.valid]))
-    torch.manual_seed(0)
-    model = FourM(preset("tiny", {n: ModalitySpec(num_tokens=t.num_tokens, vocab_size=t.vocab_size)
-                                  for n, t in toks.items()}, dim=16))
-    ckpt = tmp / "run" / "checkpoints" / "step_00000001"
-    ckpt.mkdir(parents=True)
-    save_model_config(model.cfg, ckpt / MODEL_CONFIG)
-    save_weights(model.state_dict(), ckpt / WEIGHTS)
-    (ckpt / COMPLETE).write_text('{"step": 1}')
-    model_dir = export_model(tmp / "run", tmp / "model")
+    model_dir = export_tiny_model(specs_of(toks), tmp)
     for name, tok in toks.items():
         tok.save_pretrained(model_dir / "tokenizers" / name)
     return {"tmp": tmp, "data": data, "model": model_dir, "n_labelled": len(labelled)}

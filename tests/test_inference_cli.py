@@ -8,14 +8,13 @@ import pytest
 import torch
 from astropy.io import fits
 from astropy.table import Table
+from tiny_models import export_tiny_model, specs_of
 
 from aion.cli import main
 from aion.data.batches import ScalarBatch
 from aion.inference.io import TableWriter, iter_fits_table
-from aion.model import FourM, ModalitySpec, preset
 from aion.tokenizers.binning import QuantileBinning
 from aion.tokenizers.scalar import ScalarTokenizer
-from aion.training.checkpoint import COMPLETE, MODEL_CONFIG, WEIGHTS, export_model, save_model_config, save_weights
 
 torch.set_num_threads(1)
 
@@ -31,15 +30,7 @@ def setup(tmp_path_factory):
     train = {name: ScalarBatch(name=name, values=rng.lognormal(size=500)) for name in (G, R, Z, T)}
     toks = {name: ScalarTokenizer(name, QuantileBinning(16), fine_bins=4 if name == T else 0).fit(b)
             for name, b in train.items()}
-    torch.manual_seed(0)
-    model = FourM(preset("tiny", {n: ModalitySpec(num_tokens=t.num_tokens, vocab_size=t.vocab_size)
-                                  for n, t in toks.items()}, dim=16))
-    ckpt = tmp / "run" / "checkpoints" / "step_00000001"
-    ckpt.mkdir(parents=True)
-    save_model_config(model.cfg, ckpt / MODEL_CONFIG)
-    save_weights(model.state_dict(), ckpt / WEIGHTS)
-    (ckpt / COMPLETE).write_text('{"step": 1}')
-    model_dir = export_model(tmp / "run", tmp / "model")
+    model_dir = export_tiny_model(specs_of(toks), tmp)
     tok_dir = tmp / "tokenizers"
     for name, tok in toks.items():
         tok.save_pretrained(tok_dir / name)

@@ -16,18 +16,17 @@ import pytest
 import torch
 from astropy.io import fits
 from astropy.table import Table
+from tiny_models import export_tiny_model, specs_of
 
 from aion.cli import main
 from aion.data.batches import ScalarBatch
 from aion.inference.io import iter_fits_table, iter_objects, read_metadata
 from aion.inference.model import AionModel
 from aion.inference.runner import aligned_chunk_size, load_part, parts_dir, save_part
-from aion.model import FourM, ModalitySpec, preset
 from aion.tokenizers.binning import QuantileBinning
 from aion.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from aion.tokenizers.scalar import ScalarTokenizer
 from aion.tokenizers.spectrum import SpectrumTokenizer, SpectrumTokenizerConfig
-from aion.training.checkpoint import COMPLETE, MODEL_CONFIG, WEIGHTS, export_model, save_model_config, save_weights
 
 torch.set_num_threads(1)
 
@@ -50,14 +49,7 @@ def setup(tmp_path_factory):
         attn_heads=2, mlp_ratio=2, code_dim=6, modalities=(SPEC,)))
     toks[IMG] = ImageTokenizer(ImageTokenizerConfig(bands=("des-g", "des-r", "des-i", "des-z"), crop_size=8,
                                                     downsample=2, channels=(4, 8), fsq_levels=(3, 3), norm="none"))
-    model = FourM(preset("tiny", {n: ModalitySpec(num_tokens=t.num_tokens, vocab_size=t.vocab_size)
-                                  for n, t in toks.items()}, dim=16))
-    ckpt = tmp / "run" / "checkpoints" / "step_00000001"
-    ckpt.mkdir(parents=True)
-    save_model_config(model.cfg, ckpt / MODEL_CONFIG)
-    save_weights(model.state_dict(), ckpt / WEIGHTS)
-    (ckpt / COMPLETE).write_text('{"step": 1}')
-    model_dir = export_model(tmp / "run", tmp / "model")
+    model_dir = export_tiny_model(specs_of(toks), tmp, seed=None)
     tok_dir = tmp / "tokenizers"
     for name, tok in toks.items():
         tok.save_pretrained(tok_dir / name)

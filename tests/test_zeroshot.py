@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_models import export_tiny_model
 
 from aion.cli import main
 from aion.data.batches import ScalarBatch
@@ -30,12 +31,11 @@ from aion.evaluation.zeroshot import (
     spectrum_scores,
 )
 from aion.inference.io import iter_objects
-from aion.model import FourM, ModalitySpec, preset
+from aion.model import ModalitySpec
 from aion.tokenizers.binning import QuantileBinning
 from aion.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from aion.tokenizers.scalar import ScalarTokenizer
 from aion.tokenizers.spectrum import SpectrumTokenizer, SpectrumTokenizerConfig
-from aion.training.checkpoint import COMPLETE, MODEL_CONFIG, WEIGHTS, export_model, save_model_config, save_weights
 
 torch.set_num_threads(1)
 
@@ -260,13 +260,7 @@ def e2e(tmp_path_factory):
     assert set(image.modalities) == {"legacysurvey_image", "hsc_image"}
     specs = {n: ModalitySpec(num_tokens=t.num_tokens, vocab_size=t.vocab_size) for n, t in toks.items()}
     specs.update({n: ModalitySpec(num_tokens=image.num_tokens, vocab_size=image.vocab_size) for n in image.modalities})
-    model = FourM(preset("tiny", specs, dim=16))
-    ckpt = tmp / "run" / "checkpoints" / "step_00000001"
-    ckpt.mkdir(parents=True)
-    save_model_config(model.cfg, ckpt / MODEL_CONFIG)
-    save_weights(model.state_dict(), ckpt / WEIGHTS)
-    (ckpt / COMPLETE).write_text('{"step": 1}')
-    model_dir = export_model(tmp / "run", tmp / "model")
+    model_dir = export_tiny_model(specs, tmp, seed=None)
     tok_dir = tmp / "tokenizers"
     for name, tok in toks.items():
         tok.save_pretrained(tok_dir / name)
