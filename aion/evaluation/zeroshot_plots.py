@@ -124,16 +124,19 @@ def plot_spectra(path: Path, spectra: list[dict[str, Any]], wave: np.ndarray) ->
     fig, axes = plt.subplots(len(spectra), 1, figsize=(11, 2.6 * len(spectra)), squeeze=False)
     for ax, s in zip(axes[:, 0], spectra, strict=True):
         obs = np.where(s["valid"], s["observed"], np.nan)
-        k = 8  # smooth the noisy observation for display only
-        smooth = np.convolve(np.nan_to_num(obs), np.ones(k) / k, mode="same")
-        ax.plot(wave, smooth, color="0.6", lw=0.6, label="observed (8-px mean)")
+
+        def smooth_(x: np.ndarray, k: int = 16) -> np.ndarray:  # for display only: noisy spectra
+            return np.convolve(np.nan_to_num(x), np.ones(k) / k, mode="same")
+
+        smooth = smooth_(obs)
+        ax.plot(wave, smooth, color="0.6", lw=0.6, label="observed (16-px mean)")
         if s["truth"] is not None:
             ax.plot(wave, s["truth"], color="k", lw=0.8, label="noiseless truth")
         for j, sample in enumerate(s["samples"][:2]):
             ax.plot(wave, sample, color="C3", lw=0.8, alpha=0.9 if j == 0 else 0.5,
                     label="generated" if j == 0 else None)
         for k_nn, nn in s["nn"].items():
-            ax.plot(wave, nn, color="C0", lw=0.7, alpha=0.7, label=f"{k_nn}-NN in photometry")
+            ax.plot(wave, smooth_(nn), color="C0", lw=0.7, alpha=0.7, label=f"{k_nn}-NN in photometry (16-px mean)")
             break
         lo, hi = np.nanpercentile(smooth, [1, 99.5])
         ax.set_ylim(min(0, lo), hi * 1.3)
