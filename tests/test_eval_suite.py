@@ -106,4 +106,5 @@ def test_suite_cli_baselines_only_and_errors(world, tmp_path, capsys):
         main(["evaluate", "--tasks", str(bad), "--data", str(world["data"]), "--out", str(tmp_path / "b")])
     with pytest.raises(ValueError, match="give the model"):
         run_suite(_cfg(), world["data"], tmp_path / "x", progress=False)
-    assert load_suite("evaluation/quick.yaml").finetune == ("lora",)
+    assert load_suite("evaluation/full.yaml").finetune == ("lora", "full")
+    assert load_suite("evaluation/quick.yaml").seeds == (0,)
