@@ -71,6 +71,8 @@ def label_efficiency(agg: dict[tuple, dict[str, float]]) -> list[dict[str, Any]]
             continue
         base = sorted(sizes_of.get((target, input_set), []))
         match = next((s for _, s, r2 in base if r2 >= v["mean"]), None)
+        if match is not None and base and match == base[0][1]:
+            match = f"<= {match}"  # the smallest baseline run already matches: fewer labels may too
         rows.append({"target": target, "input_set": input_set, "method": method, "size": size, "r2": v["mean"],
                      "baseline_labels_to_match": match})
     return rows
@@ -86,14 +88,17 @@ def render_markdown(records: Sequence[dict[str, Any]], meta: dict[str, Any], plo
         lines += [meta["headline"], ""]
     lines += [f"Model `{meta.get('model')}`; labelled data `{meta.get('data')}` ({meta.get('n_labelled')} labelled "
               f"objects, test set {meta.get('n_test')} fixed by object id); seeds {meta.get('seeds')}.", "",
-              "## R^2 on the test set with all training labels (mean +- std over seeds)", "",
+              "## R^2 on the test set with all training labels (mean +- std over seeds when there are several)", "",
               "| family | inputs | method | " + " | ".join(short(t) for t in targets) + " |",
               "|---|---|---|" + "---|" * len(targets)]
     for family, input_set, method in rows:
         cells = []
         for t in targets:
             v = agg.get((t, input_set, method, "all"))
-            cells.append("-" if v is None or not math.isfinite(v["mean"]) else f"{v['mean']:.3f} +- {v['std']:.3f}")
+            if v is None or not math.isfinite(v["mean"]):
+                cells.append("-")
+            else:
+                cells.append(f"{v['mean']:.3f}" + (f" +- {v['std']:.3f}" if v["n_seeds"] > 1 else ""))
         lines.append(f"| {family} | {input_set} | {method} | " + " | ".join(cells) + " |")
     ceil = ceilings(agg)
     if ceil:
