@@ -108,3 +108,15 @@ def test_suite_cli_baselines_only_and_errors(world, tmp_path, capsys):
         run_suite(_cfg(), world["data"], tmp_path / "x", progress=False)
     assert load_suite("evaluation/full.yaml").finetune == ("lora", "full")
     assert load_suite("evaluation/quick.yaml").seeds == (0,)
+
+
+def test_resuming_with_another_setup_is_refused(world, tmp_path):
+    out = tmp_path / "e"
+    cfg = _cfg(targets=("provabgs_z",), sizes=(16,), seeds=(0,), fm_methods=(), baselines=("gbm",))
+    run_suite(cfg, world["data"], out, progress=False)
+    with pytest.raises(ValueError, match="different setup.*test_fraction"):
+        run_suite(SuiteConfig(**{**cfg.__dict__, "test_fraction": 0.3}), world["data"], out, progress=False)
+    # adding a method to the same setup resumes: only the new runs are fitted
+    more = SuiteConfig(**{**cfg.__dict__, "baselines": ("gbm", "net")})
+    run_suite(more, world["data"], out, progress=False)
+    assert sorted(r["method_key"] for r in _records(out)) == ["GBM", "net"]

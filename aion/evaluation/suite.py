@@ -148,8 +148,19 @@ def run_suite(cfg: SuiteConfig, data: str | os.PathLike, out_dir: str | os.PathL
     methods = _method_factories(cfg, am)
 
     jsonl = out / "results.jsonl"
+    stamp_path = out / "results.fingerprint.json"
+    stamp = {"data": str(Path(data).resolve()), "model": None if model_dir is None else str(Path(model_dir).resolve()),
+             "tokenizers": None if tokenizers_dir is None else str(Path(tokenizers_dir).resolve()),
+             **{k: getattr(cfg, k) for k in ("test_fraction", "val_fraction", "min_val", "max_inputs", "max_objects")}}
     if restart:
         jsonl.unlink(missing_ok=True)
+    if jsonl.exists() and stamp_path.exists():
+        old = json.loads(stamp_path.read_text())
+        diff = {k: (old.get(k), v) for k, v in stamp.items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"{jsonl} holds results of a different setup ({diff}); rerun with --restart or "
+                             "another --out")
+    _write(stamp_path, json.dumps(stamp, indent=1))
     done: dict[tuple, dict[str, Any]] = {}
     if jsonl.exists():
         for line in jsonl.read_text().splitlines():
