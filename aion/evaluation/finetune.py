@@ -109,12 +109,15 @@ class FineTune:
 
     ``lr_encoder`` is the learning rate of the encoder (full) or of the adapters (LoRA);
     default 1e-4 and 1e-3. Budget: ``max_epochs`` (default 10) with ``patience`` 3 epochs,
-    batch 32, one configuration (no learning-rate grid: each try is a full fine-tune).
+    batch 32, one configuration (no learning-rate grid: each try is a full fine-tune); on small
+    sets both are stretched so that the budget is at least ``min_steps`` optimizer steps (with 100
+    labels, 10 epochs are only ~30 steps: far too few to move an encoder).
     """
 
     def __init__(self, am: AionModel, mode: Literal["full", "lora"] = "lora", rank: int = 8, alpha: float = 16.0,
                  lr_head: float = 1e-3, lr_encoder: float | None = None, weight_decay: float = 0.01,
-                 batch_size: int = 32, max_epochs: int = 10, patience: int = 3, n_queries: int = 1, heads: int = 4,
+                 batch_size: int = 32, max_epochs: int = 10, patience: int = 3, min_steps: int = 300,
+                 n_queries: int = 1, heads: int = 4,
                  hidden: int | None = None, max_inputs: int | None = None, chunk_size: int = 512,
                  device: str | torch.device | None = None):
         if mode not in ("full", "lora"):
@@ -126,7 +129,7 @@ class FineTune:
         self.lr_head = float(lr_head)
         self.lr_encoder = float(lr_encoder) if lr_encoder is not None else (1e-4 if mode == "full" else 1e-3)
         self.weight_decay, self.batch_size = float(weight_decay), int(batch_size)
-        self.max_epochs, self.patience = int(max_epochs), int(patience)
+        self.max_epochs, self.patience, self.min_steps = int(max_epochs), int(patience), int(min_steps)
         self.n_queries, self.heads, self.hidden = int(n_queries), int(heads), hidden
         self.max_inputs, self.chunk_size = max_inputs, int(chunk_size)
         self.device = torch.device(device) if device is not None else am.device
@@ -202,9 +205,12 @@ class FineTune:
                 pred = torch.cat([net(b) for b in val_batches])
             return float(torch.mean((pred - yv) ** 2))
 
+        per_epoch = math.ceil(len(train_samples) / self.batch_size)
+        stretch = max(1, math.ceil(self.min_steps / (self.max_epochs * per_epoch))) if self.max_epochs > 0 else 1
         with seeded(seed):
             self.history = train_early_stopping(net, groups, batch_loss, len(train_samples), val_loss,
-                                                max_epochs=self.max_epochs, patience=self.patience,
+                                                max_epochs=self.max_epochs * stretch,
+                                                patience=self.patience * stretch,
                                                 batch_size=self.batch_size, seed=seed, lr=self.lr_encoder)
         self.net = net
         log.info("%s %s: best epoch %d of %d, val MSE %.4g (standardised), %d trainable parameters", self.name,
