@@ -38,6 +38,7 @@ from aion.evaluation.heads import (
     resolve_input_set,
     seeded,
     split_val,
+    tokenized_chunks,
     train_early_stopping,
 )
 from aion.evaluation.labelled import LabelledSet
@@ -145,15 +146,7 @@ class FineTune:
         names = self.input_set
         out: list[MaskedSample | None] = [None] * len(data)
         errors: dict[int, str] = {}
-        for start in range(0, len(data), self.chunk_size):
-            sub = data.select(np.arange(start, min(start + self.chunk_size, len(data))))
-            objects = sub.restrict(names)
-            if not objects:
-                for b in range(len(sub)):
-                    errors[start + b] = f"none of the input set's modalities {list(names)} is in this data"
-                continue
-            tok_errors: dict[int, str] = {}
-            tokens, present = self.am.tokenize(objects, errors=tok_errors)
+        for start, _, tokens, present, tok_errors in tokenized_chunks(self.am, data, names, self.chunk_size, errors):
             inp = self.am._inputs(tokens, present, frozenset(), self.max_inputs, 0, "subsample")
             failed = {**inp.errors, **tok_errors}
             for b, msg in failed.items():

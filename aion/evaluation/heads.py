@@ -177,15 +177,8 @@ class FrozenEncoder:
         was_training = model.training
         model.eval()
         try:
-            for start in range(0, n, self.chunk_size):
-                sub = data.select(np.arange(start, min(start + self.chunk_size, n)))
-                objects = sub.restrict(names)
-                if not objects:
-                    for b in range(len(sub)):
-                        errors[start + b] = f"none of the input set's modalities {list(names)} is in this data"
-                    continue
-                tok_errors: dict[int, str] = {}
-                tokens, present = self.am.tokenize(objects, errors=tok_errors)
+            for start, sub, tokens, present, tok_errors in tokenized_chunks(self.am, data, names, self.chunk_size,
+                                                                             errors):
                 res = self.am.embed(tokens, present, pooling="mean", max_inputs=self.max_inputs,
                                     return_tokens=want_tokens)
                 chunk_errors = {**res.errors, **tok_errors}  # a rejected modality fails the object
@@ -212,6 +205,22 @@ class FrozenEncoder:
                 rows, w = slice(start, start + h.shape[0]), h.shape[1]
                 out.tokens[rows, :w], out.mask[rows, :w], out.modality[rows, :w] = h, mask, mod
         return out
+
+
+def tokenized_chunks(am: AionModel, data: LabelledSet, names: Sequence[str], chunk_size: int,
+                     errors: dict[int, str]) -> Iterator[tuple[int, LabelledSet, dict, dict, dict[int, str]]]:
+    """``(start row, chunk, tokens, present, tokenization failures)`` per chunk of ``data`` restricted to
+    ``names``; a chunk with none of them gets an error per object in ``errors`` and is skipped."""
+    for start in range(0, len(data), chunk_size):
+        sub = data.select(np.arange(start, min(start + chunk_size, len(data))))
+        objects = sub.restrict(names)
+        if not objects:
+            for b in range(len(sub)):
+                errors[start + b] = f"none of the input set's modalities {list(names)} is in this data"
+            continue
+        tok_errors: dict[int, str] = {}
+        tokens, present = am.tokenize(objects, errors=tok_errors)
+        yield start, sub, tokens, present, tok_errors
 
 
 def as_frozen(encoder: FrozenEncoder | AionModel) -> FrozenEncoder:
