@@ -256,3 +256,12 @@ def test_ordinal_code_makes_neighbouring_scalar_bins_alike():
                        torch.zeros(64, 32))
     plain = FourM(preset("tiny", spec, dim=32))
     assert plain.ordinal_emb is None and model.num_parameters(True) == plain.num_parameters(True)
+
+
+def test_ordinal_options_without_ordinal_ranges_fail_loudly():
+    from aion.model import ModalitySpec, preset
+
+    spec = {"img": ModalitySpec(num_tokens=4, vocab_size=8)}
+    for kw in ({"ordinal_features": 4}, {"ordinal_sigma": 2.0}):
+        with pytest.raises(ValueError, match="re-run `aion tokenize`"):
+            FourM(preset("tiny", spec, dim=16, **kw))

@@ -131,6 +131,9 @@ class FourM(nn.Module):
         # Ordinal ids (scalar bins) also get a smooth code of their place in their range, so that
         # neighbouring bins start out alike instead of as unrelated random rows (see ModelConfig).
         self.ordinal_emb = None
+        if (cfg.ordinal_features > 0 or cfg.ordinal_sigma > 0) and not any(s.ordinal for s in specs.values()):
+            raise ValueError("ordinal_features / ordinal_sigma are set but no modality declares ordinal id ranges: "
+                             "the token index predates them; re-run `aion tokenize` (it writes 'ordinal')")
         if cfg.ordinal_features > 0:
             place = torch.full((int(vocab.sum()),), -1.0)
             offset = 0
