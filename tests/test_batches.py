@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from aion import modalities as registry
-from aion.data.batches import BatchValidationError, ImageBatch, ScalarBatch, SpectrumBatch, SurveyBatch
+from aion.data.batches import (
+    BatchValidationError,
+    ImageBatch,
+    ScalarBatch,
+    SpectrumBatch,
+    SurveyBatch,
+    concat_batches,
+)
 
 
 def _image(**over):
@@ -101,3 +108,17 @@ def test_scalars_nan_is_absent_and_presence_masks():
     np.testing.assert_array_equal(sb.present("desi_spectrum"), [False, False, False])
     with pytest.raises(BatchValidationError, match="column x: expected 3 rows"):
         SurveyBatch(object_id=np.arange(3), ra=np.zeros(3), dec=np.zeros(3), columns={"x": np.zeros(2)})
+
+
+def test_concat_batches_pads_spectra_and_refuses_mixed_images():
+    a = SpectrumBatch(flux=np.ones((2, 3)), ivar=np.ones((2, 3)), wavelength=np.array([1.0, 2.0, 3.0]),
+                      valid=np.ones((2, 3), bool))
+    b = SpectrumBatch(flux=np.ones((1, 5)), ivar=np.ones((1, 5)), wavelength=np.arange(1.0, 6.0)[None],
+                      valid=np.ones((1, 5), bool))
+    c = concat_batches([a, b])
+    assert c.flux.shape == (3, 5) and not c.valid[:2, 3:].any() and (c.wavelength[:2, 3:] < 0).all()
+    img = dict(flux=np.zeros((1, 1, 4, 4)), ivar=np.ones((1, 1, 4, 4)), valid=np.ones((1, 1, 4, 4), bool),
+               bands=("des-g",), pixel_scale=0.262, psf_fwhm=np.ones((1, 1)))
+    assert len(concat_batches([ImageBatch(**img), ImageBatch(**img)])) == 2
+    with pytest.raises(ValueError, match="zero points"):
+        concat_batches([ImageBatch(**img), ImageBatch(**img, zero_point=27.0)])

@@ -262,3 +262,34 @@ class SurveyBatch:
         if isinstance(value, SpectrumBatch):
             return value.present
         return value.valid
+
+
+def concat_batches(parts: list[Modal]) -> Modal:
+    """Rows of several typed batches of one modality in one batch (spectra of different lengths are
+    padded as invalid pixels; ``lsf_sigma`` is kept only when every part has it)."""
+    first = parts[0]
+    if isinstance(first, ScalarBatch):
+        ivar = None if any(p.ivar is None for p in parts) else np.concatenate([p.ivar for p in parts])
+        return ScalarBatch(name=first.name, values=np.concatenate([p.values for p in parts]), ivar=ivar)
+    if isinstance(first, ImageBatch):
+        if any((p.bands, p.pixel_scale, p.zero_point) != (first.bands, first.pixel_scale, first.zero_point)
+               for p in parts):
+            raise ValueError("image batches to concatenate have different bands, pixel scales or zero points")
+        return ImageBatch(flux=np.concatenate([p.flux for p in parts]), ivar=np.concatenate([p.ivar for p in parts]),
+                          valid=np.concatenate([p.valid for p in parts]), bands=first.bands,
+                          pixel_scale=first.pixel_scale, psf_fwhm=np.concatenate([p.psf_fwhm for p in parts]),
+                          zero_point=first.zero_point)
+    if isinstance(first, SpectrumBatch):
+        width = max(p.flux.shape[1] for p in parts)
+
+        def pad(a: np.ndarray, fill) -> np.ndarray:
+            return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)
+
+        lsf = None if any(p.lsf_sigma is None for p in parts) else np.concatenate(
+            [pad(p.lsf_sigma, 0.0) for p in parts])
+        return SpectrumBatch(flux=np.concatenate([pad(p.flux, 0.0) for p in parts]),
+                             ivar=np.concatenate([pad(p.ivar, 0.0) for p in parts]),
+                             wavelength=np.concatenate([pad(np.broadcast_to(p.wavelength, p.flux.shape), -1.0)
+                                                        for p in parts]),
+                             valid=np.concatenate([pad(p.valid, False) for p in parts]), lsf_sigma=lsf)
+    raise TypeError(type(first).__name__)

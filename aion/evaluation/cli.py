@@ -47,9 +47,7 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
                                     progress=not args.quiet)
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
-    print((args.out / "report.md").read_text())
-    print(f"written to {args.out.resolve()}")
-    return 0
+    return _print_report(args.out)
 
 
 def add_evaluate_parser(sub) -> None:
@@ -93,6 +91,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                   progress=not args.quiet)
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
-    print((args.out / "report.md").read_text())
-    print(f"written to {args.out.resolve()}")
+    return _print_report(args.out)
+
+
+def _print_report(out: Path) -> int:
+    print((out / "report.md").read_text())
+    print(f"written to {out.resolve()}")
     return 0

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from aion import modalities as registry
-from aion.data.batches import ImageBatch, Modal, ScalarBatch, SpectrumBatch
+from aion.data.batches import Modal, concat_batches
 
 LEGACY_PHOTOMETRY = tuple(f"legacysurvey_flux_{b}" for b in ("g", "r", "i", "z", "w1", "w2", "w3", "w4"))
 INPUT_SETS: dict[str, tuple[str, ...]] = {
@@ -51,34 +51,6 @@ class LabelledSet:
 
     def has_label(self, target: str) -> np.ndarray:
         return np.isfinite(self.labels[target])
-
-
-def _concat(parts: list[Modal]) -> Modal:
-    first = parts[0]
-    if isinstance(first, ScalarBatch):
-        ivar = None if any(p.ivar is None for p in parts) else np.concatenate([p.ivar for p in parts])
-        return ScalarBatch(name=first.name, values=np.concatenate([p.values for p in parts]), ivar=ivar)
-    if isinstance(first, ImageBatch):
-        if any(p.bands != first.bands or p.pixel_scale != first.pixel_scale for p in parts):
-            raise ValueError("image batches to concatenate have different bands or pixel scales")
-        return ImageBatch(flux=np.concatenate([p.flux for p in parts]), ivar=np.concatenate([p.ivar for p in parts]),
-                          valid=np.concatenate([p.valid for p in parts]), bands=first.bands,
-                          pixel_scale=first.pixel_scale, psf_fwhm=np.concatenate([p.psf_fwhm for p in parts]),
-                          zero_point=first.zero_point)
-    if isinstance(first, SpectrumBatch):
-        width = max(p.flux.shape[1] for p in parts)
-
-        def pad(a: np.ndarray, fill) -> np.ndarray:
-            return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)
-
-        lsf = None if any(p.lsf_sigma is None for p in parts) else np.concatenate(
-            [pad(p.lsf_sigma, 0.0) for p in parts])
-        return SpectrumBatch(flux=np.concatenate([pad(p.flux, 0.0) for p in parts]),
-                             ivar=np.concatenate([pad(p.ivar, 0.0) for p in parts]),
-                             wavelength=np.concatenate([pad(np.broadcast_to(p.wavelength, p.flux.shape), -1.0)
-                                                        for p in parts]),
-                             valid=np.concatenate([pad(p.valid, False) for p in parts]), lsf_sigma=lsf)
-    raise TypeError(type(first).__name__)
 
 
 def load_labelled_set(data_root: str | os.PathLike, targets: Sequence[str] = TARGETS,
@@ -130,7 +102,7 @@ def load_labelled_set(data_root: str | os.PathLike, targets: Sequence[str] = TAR
         real = [p for p in parts if not isinstance(p, int)]
         if not real:
             continue
-        out_inputs[m] = _concat([p if not isinstance(p, int) else _expand(real[0], np.zeros(0, np.int64), p)
+        out_inputs[m] = concat_batches([p if not isinstance(p, int) else _expand(real[0], np.zeros(0, np.int64), p)
                                  for p in parts])
     return LabelledSet(object_id=np.concatenate(ids), inputs=out_inputs,
                        labels={t: np.concatenate(v) for t, v in labels.items()})

@@ -14,7 +14,7 @@ MAD_TO_SIGMA = 1.4826
 OUTLIER_DZ = 0.15
 
 
-def _robust(x: np.ndarray) -> tuple[float, float]:
+def robust_stats(x: np.ndarray) -> tuple[float, float]:
     """(median, 1.4826 * MAD): a Gaussian sigma that ignores a minority of outliers."""
     med = float(np.median(x))
     return med, float(MAD_TO_SIGMA * np.median(np.abs(x - med)))
@@ -49,7 +49,7 @@ def regression_metrics(y_pred: np.ndarray, y_true: np.ndarray, redshift: bool = 
     if n == 0:
         return out
     resid = p - t
-    out["bias"], out["scatter"] = _robust(resid)
+    out["bias"], out["scatter"] = robust_stats(resid)
     out["rmse"] = float(np.sqrt(np.mean(resid**2)))
     ss_tot = float(np.sum((t - t.mean()) ** 2))
     if ss_tot > 0:
@@ -58,6 +58,6 @@ def regression_metrics(y_pred: np.ndarray, y_true: np.ndarray, redshift: bool = 
         if (t <= -1).any():
             raise ValueError("redshift truths must be > -1 (dz divides by 1 + z_true)")
         dz = resid / (1.0 + t)
-        out["bias_dz"], out["nmad"] = _robust(dz)
+        out["bias_dz"], out["nmad"] = robust_stats(dz)
         out["outlier_fraction"] = float(np.mean(np.abs(dz) > OUTLIER_DZ))
     return out

@@ -131,12 +131,25 @@ def render_markdown(records: Sequence[dict[str, Any]], meta: dict[str, Any], plo
     return "\n".join(lines)
 
 
-def _save(fig, path: Path) -> None:
+# Every file of a report is written whole to a temporary name and renamed: never half-written.
+def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
 
@@ -172,7 +185,7 @@ def plot_curves(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         fig.suptitle(f"Low-data curves, inputs: {input_set} (solid: foundation model, dashed: from scratch)",
                      fontsize=10)
         path = out / f"curves_{input_set.replace('+', '_')}.png"
-        _save(fig, path)
+        save_figure(fig, path)
         paths.append(path)
     return paths
 
@@ -201,5 +214,5 @@ def plot_pred_vs_true(predictions: dict[str, dict[str, np.ndarray]], out: Path, 
     axes[0][-1].legend(fontsize=7, markerscale=3)
     fig.suptitle(title, fontsize=10)
     path = out / "pred_vs_true.png"
-    _save(fig, path)
+    save_figure(fig, path)
     return path

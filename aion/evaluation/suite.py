@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from aion.evaluation.labelled import INPUT_SETS, TARGETS, LabelledSet, load_labelled_set
+from aion.evaluation.report import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def run_suite(cfg: SuiteConfig, data: str | os.PathLike, out_dir: str | os.PathL
         if diff:
             raise ValueError(f"{jsonl} holds results of a different setup ({diff}); rerun with --restart or "
                              "another --out")
-    _write(stamp_path, json.dumps(stamp, indent=1))
+    write_text_atomic(stamp_path, json.dumps(stamp, indent=1))
     done: dict[tuple, dict[str, Any]] = {}
     if jsonl.exists():
         for line in jsonl.read_text().splitlines():
@@ -237,11 +238,12 @@ def _finish(cfg, records, preds, splits_of, labelled, out: Path, data, model_dir
         best_set = sets[0]
         per_target = {k.split("|")[0]: v for k, v in preds.items() if k.endswith(f"|{best_set}")}
         plots.append(str(report.plot_pred_vs_true(per_target, out, f"Test set, all labels, inputs: {best_set}")))
-        np.savez(out / ".test_predictions.tmp.npz", **{f"{k}|{m}": v for k, d in preds.items() for m, v in d.items()})
-        os.replace(out / ".test_predictions.tmp.npz", out / "test_predictions.npz")
+        report.save_npz_atomic(out / "test_predictions.npz",
+                               {f"{k}|{m}": v for k, d in preds.items() for m, v in d.items()})
     slim = [{k: v for k, v in r.items() if k != "test_predictions"} for r in records]
-    _write(out / "results.json", json.dumps({"meta": meta, "records": slim}, indent=1, default=_json_default))
-    _write(out / "report.md", report.render_markdown(records, meta, plots))
+    report.write_text_atomic(out / "results.json",
+                             json.dumps({"meta": meta, "records": slim}, indent=1, default=_json_default))
+    report.write_text_atomic(out / "report.md", report.render_markdown(records, meta, plots))
     return meta
 
 
@@ -249,9 +251,3 @@ def _json_default(x: Any) -> Any:
     if isinstance(x, np.generic):
         return x.item()
     raise TypeError(type(x).__name__)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

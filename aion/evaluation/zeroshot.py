@@ -35,6 +35,9 @@ from typing import Any
 import numpy as np
 
 from aion.data.batches import SpectrumBatch
+from aion.evaluation.baselines import asinh_mag
+from aion.evaluation.metrics import OUTLIER_DZ, robust_stats
+from aion.evaluation.report import save_npz_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,6 @@ HSC_BANDS = ("g", "r", "i", "z", "y")
 PHOTOMETRY = tuple(f"legacysurvey_flux_{b}" for b in LEGACY_BANDS) + tuple(f"hsc_mag_{b}" for b in HSC_BANDS)
 IMAGES = ("legacysurvey_image", "hsc_image")
 INPUT_SETS: dict[str, tuple[str, ...]] = {"photometry": PHOTOMETRY, "photometry+image": PHOTOMETRY + IMAGES}
-OUTLIER_DZ = 0.15
 
 
 @dataclass(kw_only=True)
@@ -82,9 +84,8 @@ def redshift_metrics(z_pred: np.ndarray, z_true: np.ndarray, lo68: np.ndarray | 
     """Photo-z metrics of point estimates (and interval coverage when intervals are given)."""
     z_pred, z_true = np.asarray(z_pred, float), np.asarray(z_true, float)
     dz = (z_pred - z_true) / (1 + z_true)
-    med = float(np.median(dz))
-    out = {"n": int(dz.size), "nmad": float(1.4826 * np.median(np.abs(dz - med))),
-           "outlier_fraction": float(np.mean(np.abs(dz) > OUTLIER_DZ)), "bias": med,
+    med, nmad = robust_stats(dz)
+    out = {"n": int(dz.size), "nmad": nmad, "outlier_fraction": float(np.mean(np.abs(dz) > OUTLIER_DZ)), "bias": med,
            "mean_dz": float(np.mean(dz)), "rms_dz": float(np.sqrt(np.mean(dz**2)))}
     if lo68 is not None and hi68 is not None:
         out["coverage_68"] = float(np.mean((z_true >= lo68) & (z_true <= hi68)))
@@ -119,11 +120,6 @@ def spectrum_scores(model: np.ndarray, observed: np.ndarray, ivar: np.ndarray, v
 
 
 # ---------------------------------------------------------------------------- photometry features
-def _asinh_mag(flux: np.ndarray, soft: float = 0.1) -> np.ndarray:
-    """Asinh magnitude of nanomaggies (finite for zero and negative fluxes; ~22.5 - 2.5 log10 f)."""
-    return 22.5 - 2.5 / math.log(10) * (np.arcsinh(flux / (2 * soft)) + math.log(soft))
-
-
 def photometry_features(objects: dict[str, Any]) -> np.ndarray:
     """(B, F) baseline features: asinh magnitudes of the Legacy fluxes and the HSC magnitudes, and the
     adjacent colours of each survey; NaN where the object lacks a band."""
@@ -131,7 +127,7 @@ def photometry_features(objects: dict[str, Any]) -> np.ndarray:
     mags = []
     for b in LEGACY_BANDS:
         s = objects.get(f"legacysurvey_flux_{b}")
-        mags.append(np.where(s.valid, _asinh_mag(s.values), np.nan) if s is not None else np.full(n, np.nan))
+        mags.append(np.where(s.valid, asinh_mag(s.values), np.nan) if s is not None else np.full(n, np.nan))
     hsc = []
     for b in HSC_BANDS:
         s = objects.get(f"hsc_mag_{b}")
@@ -466,13 +462,13 @@ def evaluate_zeroshot(model_dir: os.PathLike | str, tokenizers_dir: os.PathLike 
         "gbm": gbm.describe(),
         "seconds": {"baselines": t_baselines, "model": t_model, "total": time.perf_counter() - t_start},
     })
-    _write_atomic(out / "metrics.json", json.dumps(_jsonable(metrics), indent=2).encode())
-    _save_npz(out / "predictions.npz", arrays)
+    write_text_atomic(out / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
+    save_npz_atomic(out / "predictions.npz", arrays)
     if cfg.plots:
         from aion.evaluation import zeroshot_plots
 
         zeroshot_plots.plot_all(out, arrays, examples, wave, sets, cfg)
-    _write_atomic(out / "report.md", render_report(metrics, cfg.plots).encode())
+    write_text_atomic(out / "report.md", render_report(metrics, cfg.plots))
     return metrics
 
 
@@ -544,18 +540,6 @@ def render_report(m: dict[str, Any], plots: bool = True) -> str:
 
 
 # ---------------------------------------------------------------------------- files
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}

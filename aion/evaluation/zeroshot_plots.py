@@ -3,20 +3,12 @@ generated vs observed spectra (matplotlib, Agg backend, written via temp file + 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+from aion.evaluation.report import save_figure
 
 
 def _methods(sets) -> list[tuple[str, str]]:
@@ -62,7 +54,7 @@ def plot_redshift(path: Path, a: dict[str, np.ndarray], sets) -> None:
         ax.set_ylim(0, hi)
         ax.set_xlabel("spectroscopic z")
     axes[0][0].set_ylabel("predicted z (median, 68% interval)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_pit(path: Path, a: dict[str, np.ndarray], sets) -> None:
@@ -94,7 +86,7 @@ def plot_pit(path: Path, a: dict[str, np.ndarray], sets) -> None:
     ax.set_ylabel("fraction of truths inside")
     ax.legend(fontsize=7)
     ax.set_title("interval calibration", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_pdfs(path: Path, pdfs: list[dict[str, Any]]) -> None:
@@ -115,7 +107,7 @@ def plot_pdfs(path: Path, pdfs: list[dict[str, Any]]) -> None:
         ax.set_xlabel("z")
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Zero-shot redshift posteriors (photometry + images), coarse bins", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_spectra(path: Path, spectra: list[dict[str, Any]], wave: np.ndarray) -> None:
@@ -144,4 +136,4 @@ def plot_spectra(path: Path, spectra: list[dict[str, Any]], wave: np.ndarray) ->
         ax.set_ylabel("1e-17 erg/s/cm2/A")
     axes[0][0].legend(fontsize=7, ncol=4)
     axes[-1][0].set_xlabel("observed wavelength (A)")
-    _save(fig, path)
+    save_figure(fig, path)

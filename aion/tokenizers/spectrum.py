@@ -39,6 +39,7 @@ the signal. At encode time every valid pixel is used.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aion.config import from_dict, load_config, to_dict
-from aion.data.batches import SpectrumBatch
+from aion.data.batches import SpectrumBatch, concat_batches
 from aion.tokenizers.base import Tokenizer, check_recipe_kind, load_tokenizer, register_tokenizer
 from aion.tokenizers.quantizers import FSQ, LFQ
 from aion.tokenizers.trainer import TrainConfig, train
@@ -647,18 +648,9 @@ def load_recipe(recipe: PathLike | dict[str, Any] | SpectrumRecipe) -> SpectrumR
 
 
 def _concat_spectra(parts: list[SpectrumBatch]) -> SpectrumBatch:
-    width = max(p.flux.shape[1] for p in parts)
-
-    def pad(name: str, fill: float | bool) -> np.ndarray:
-        out = []
-        for p in parts:
-            a = getattr(p, name)
-            extra = width - a.shape[1]
-            out.append(np.pad(a, ((0, 0), (0, extra)), constant_values=fill) if extra else a)
-        return np.concatenate(out)
-
-    return SpectrumBatch(flux=pad("flux", 0.0), ivar=pad("ivar", 0.0), wavelength=pad("wavelength", -1.0),
-                         valid=pad("valid", False))
+    """Rows of several spectrum batches in one (:func:`concat_batches`); the line-spread widths are not
+    used by the tokenizer and are dropped to save memory."""
+    return dataclasses.replace(concat_batches(parts), lsf_sigma=None)
 
 
 def load_spectra(data_dir: PathLike, survey: str = "desi", modality: str = "desi_spectrum",
