@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from aion.data.batches import SpectrumBatch
 from aion.evaluation.baselines import asinh_mag
@@ -380,6 +381,7 @@ def evaluate_zeroshot(model_dir: os.PathLike | str, tokenizers_dir: os.PathLike 
     bar = tqdm(total=n_total, desc="zero-shot", unit="obj", disable=not progress)
     read_mods = tuple(sorted({*PHOTOMETRY, *IMAGES, cfg.redshift_target, cfg.spectrum_target}))
     t_model = 0.0
+    all_inputs = {m for mods in sets.values() for m in mods}
     truth_lookup = _Truth(data, cfg.surveys[0]) if (data / "truth").is_dir() and "desi" in cfg.surveys else None
     for batch_no, (ids, objects) in enumerate(_with_target(data, cfg, read_mods)):
         z_true = objects[cfg.redshift_target].values
@@ -390,9 +392,10 @@ def evaluate_zeroshot(model_dir: os.PathLike | str, tokenizers_dir: os.PathLike 
         for key, qq in (("median", 0.5), ("p16", 0.16), ("p84", 0.84), ("p2_5", 0.025), ("p97_5", 0.975)):
             add(f"gbm_{key}", q[qq])
         t0 = time.perf_counter()
+        # every input modality is tokenized once; each input set (and the spectrum rows) reads its part
+        tokenized = am.tokenize({k: v for k, v in objects.items() if k in all_inputs})
         for set_name, mods in sets.items():
-            inputs = {k: v for k, v in objects.items() if k in mods}
-            tokens, present = am.tokenize(inputs)
+            tokens, present = _pick(tokenized, mods)
             pred = am.predict_scalar(tokens, present, cfg.redshift_target)
             est = pred.refined if cfg.refined and pred.refined is not None else pred.estimates
             tag = _tag(set_name)
@@ -409,8 +412,7 @@ def evaluate_zeroshot(model_dir: os.PathLike | str, tokenizers_dir: os.PathLike 
         spec: SpectrumBatch | None = objects.get(cfg.spectrum_target)
         if spec is not None and spec.present.any():
             rows = np.nonzero(spec.present)[0]
-            inputs = {k: v.select(rows) for k, v in objects.items() if k in sets[cfg.spectrum_inputs]}
-            tokens, present = am.tokenize(inputs)
+            tokens, present = _pick(tokenized, sets[cfg.spectrum_inputs], rows)
             gen = am.generate(tokens, present, cfg.spectrum_target, steps=cfg.gen_steps,
                               temperature=cfg.temperature, seed=cfg.seed + batch_no,
                               num_samples=cfg.gen_samples, decode=True, decode_kwargs={"wavelength": wave})
@@ -470,6 +472,16 @@ def evaluate_zeroshot(model_dir: os.PathLike | str, tokenizers_dir: os.PathLike 
         zeroshot_plots.plot_all(out, arrays, examples, wave, sets, cfg)
     write_text_atomic(out / "report.md", render_report(metrics, cfg.plots))
     return metrics
+
+
+def _pick(tokenized, mods: Sequence[str], rows: np.ndarray | None = None) -> tuple[dict, dict]:
+    """The tokens and presence of ``mods`` (those tokenized), optionally of some rows only."""
+    tokens, present = tokenized
+    names = [m for m in mods if m in tokens]
+    if rows is None:
+        return {m: tokens[m] for m in names}, {m: present[m] for m in names}
+    r = torch.from_numpy(rows)
+    return {m: tokens[m][r] for m in names}, {m: present[m][r] for m in names}
 
 
 def _tag(set_name: str) -> str:
