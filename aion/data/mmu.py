@@ -758,6 +758,26 @@ def _looks_local(source: str) -> bool:
             or source.count("/") > 1 or os.sep != "/" and os.sep in source)
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """A ``datasets`` ``save_to_disk`` folder (a Dataset or a DatasetDict)."""
+    return path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def parquet_files(path: Path, split: str) -> list[Path]:
+    """The parquet files of ``split`` at ``path``: the file itself, or in a folder the files named
+    ``<split>-*`` or below a ``<split>`` folder (all of them if none is); errors name what is missing."""
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise ValueError(f"{path}: expected a .parquet file, a save_to_disk directory or a hub dataset name")
+        return [path]
+    files = sorted(path.rglob("*.parquet"))
+    of_split = [f for f in files if f.name.startswith(f"{split}-") or split in f.relative_to(path).parts[:-1]]
+    files = of_split or files
+    if not files:
+        raise FileNotFoundError(f"{path}: no save_to_disk dataset (state.json) and no .parquet files inside")
+    return files
+
+
 def _open_hf_source(source: Any, split: str, batch_size: int) -> Iterator[pa.Table | pa.RecordBatch]:
     """Arrow batches of a Hugging Face source; resolving it here makes bad paths fail at the call."""
     import datasets
@@ -769,19 +789,10 @@ def _open_hf_source(source: Any, split: str, batch_size: int) -> Iterator[pa.Tab
     if isinstance(source, datasets.Dataset | datasets.IterableDataset):
         return iter(source.with_format("arrow").iter(batch_size=batch_size))
     path = Path(os.path.expanduser(str(source)))
-    if path.is_file():
-        if path.suffix != ".parquet":
-            raise ValueError(f"{path}: expected a .parquet file, a save_to_disk directory or a hub dataset name")
-        return _parquet_batches([path], batch_size)
-    if path.is_dir():
-        if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-            return _open_hf_source(datasets.load_from_disk(str(path)), split, batch_size)
-        files = sorted(path.rglob("*.parquet"))
-        of_split = [f for f in files if f.name.startswith(f"{split}-") or split in f.relative_to(path).parts[:-1]]
-        files = of_split or files
-        if not files:
-            raise FileNotFoundError(f"{path}: no save_to_disk dataset (state.json) and no .parquet files inside")
-        return _parquet_batches(files, batch_size)
+    if is_saved_dataset(path):
+        return _open_hf_source(datasets.load_from_disk(str(path)), split, batch_size)
+    if path.is_file() or path.is_dir():
+        return _parquet_batches(parquet_files(path, split), batch_size)
     if _looks_local(str(source)):
         raise FileNotFoundError(f"{source}: no such file or directory (expected parquet or a save_to_disk directory)")
     return _open_hf_source(datasets.load_dataset(str(source), split=split, streaming=True), split, batch_size)

@@ -170,7 +170,7 @@ def _open_hf_dataset(source, split: str):
     """A map-style ``datasets.Dataset`` (row count known, rows addressable) for any HF source."""
     import datasets
 
-    from aion.data.mmu import _looks_local
+    from aion.data.mmu import _looks_local, is_saved_dataset, parquet_files
 
     if isinstance(source, datasets.DatasetDict):
         if split not in source:
@@ -181,17 +181,10 @@ def _open_hf_dataset(source, split: str):
     if isinstance(source, datasets.IterableDataset | datasets.IterableDatasetDict):
         raise TypeError("a streaming (iterable) dataset has no row count or row access: load it map-style")
     path = Path(os.path.expanduser(str(source)))
-    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+    if is_saved_dataset(path):
         return _open_hf_dataset(datasets.load_from_disk(str(path)), split)
     if path.is_file() or path.is_dir():
-        files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
-        if path.is_file() and path.suffix != ".parquet":
-            raise ValueError(f"{path}: expected a .parquet file, a save_to_disk directory or a hub dataset name")
-        of_split = [f for f in files if f.name.startswith(f"{split}-") or split in f.relative_to(path).parts[:-1]]
-        files = of_split or files
-        if not files:
-            raise FileNotFoundError(f"{path}: no save_to_disk dataset (state.json) and no .parquet files inside")
-        return datasets.Dataset.from_parquet([str(f) for f in files])
+        return datasets.Dataset.from_parquet([str(f) for f in parquet_files(path, split)])
     if _looks_local(str(source)):
         raise FileNotFoundError(f"{source}: no such file or directory (expected parquet or a save_to_disk directory)")
     return datasets.load_dataset(str(source), split=split)
