@@ -135,6 +135,27 @@ def photometry_features(inputs: dict[str, Modal], names: Sequence[str]) -> np.nd
     return np.stack(cols, axis=1)
 
 
+# ---------------------------------------------------------------------------- trivial
+class ConstantBaseline:
+    """The mean of the training labels for every object: the floor any method must clearly beat
+    (its R^2 on the test set is ~0, slightly negative when the test mean differs)."""
+
+    def __init__(self, name: str = "constant") -> None:
+        self.name = name
+        self.value_: float | None = None
+
+    def fit(self, train: LabelledSet, val: LabelledSet, target: str, input_set: tuple[str, ...],
+            seed: int) -> ConstantBaseline:
+        _, y = labelled_part(train, target, "training", 1)
+        self.value_ = float(np.mean(y))
+        return self
+
+    def predict(self, data: LabelledSet) -> np.ndarray:
+        if self.value_ is None:
+            raise RuntimeError(f"{self.name}: call fit before predict")
+        return np.full(len(data), self.value_, dtype=np.float64)
+
+
 # ---------------------------------------------------------------------------- gradient boosting
 GBM_GRID: tuple[dict[str, Any], ...] = (
     {"learning_rate": 0.05, "max_leaf_nodes": 15, "min_samples_leaf": 20, "l2_regularization": 0.0},

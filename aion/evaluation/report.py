@@ -63,8 +63,8 @@ def label_efficiency(agg: dict[tuple, dict[str, float]]) -> list[dict[str, Any]]
     i.e. how many labels a from-scratch model needs to match it (None = none of the sizes run)."""
     rows = []
     sizes_of: dict[tuple, list[tuple[float, Any, float]]] = defaultdict(list)
-    for (target, input_set, _method, size), v in agg.items():
-        if v["family"] == "baseline":
+    for (target, input_set, method, size), v in agg.items():
+        if v["family"] == "baseline" and method != "constant":  # the trivial floor matches nothing useful
             sizes_of[(target, input_set)].append((_size_key(size), size, v["mean"]))
     for (target, input_set, method, size), v in agg.items():
         if v["family"] != "foundation model" or size == "all":

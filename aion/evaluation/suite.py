@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 FM_METHODS = ("linear", "knn", "attentive")
 FINETUNE_METHODS = ("lora", "full")
-BASELINES = ("gbm", "net")
+BASELINES = ("constant", "gbm", "net")
 
 
 @dataclass(kw_only=True)
@@ -53,7 +53,8 @@ class SuiteConfig:
     finetune_sizes: tuple[int | str, ...] | None = None
     """Sizes at which fine-tuning runs (None = every size)."""
     baselines: tuple[str, ...] = BASELINES
-    """From scratch: gbm (photometry only), net (MLP on photometry, CNN branches for images / spectra)."""
+    """From scratch: constant (the training-label mean: the trivial floor), gbm (photometry only), net (MLP on
+    photometry, CNN branches for images / spectra)."""
     max_inputs: int | None = None
     max_objects: int | None = None
     """Labelled objects read from the data (None = all)."""
@@ -91,7 +92,9 @@ def _method_factories(cfg: SuiteConfig, am) -> dict[str, tuple[str, Callable[[st
         for mode in cfg.finetune:
             out[f"FM finetune-{mode}"] = ("foundation model", lambda s, mode=mode: FineTune(am, mode=mode))
     for b in cfg.baselines:
-        if b == "gbm":
+        if b == "constant":
+            out["constant"] = ("baseline", lambda s: bl.ConstantBaseline())
+        elif b == "gbm":
             out["GBM"] = ("baseline", lambda s: bl.GBMBaseline())
         else:
             out["net"] = ("baseline", lambda s: bl.PhotometryMLP() if _kinds(s) == {"scalar"} else bl.SupervisedNet())
@@ -106,6 +109,8 @@ def _kinds(input_set: str) -> set[str]:
 
 def _applies(method: str, input_set: str, size, cfg: SuiteConfig) -> bool:
     if method == "GBM" and _kinds(input_set) != {"scalar"}:  # trees read photometry only
+        return False
+    if method == "constant" and input_set != cfg.input_sets[0]:  # reads no input: one row per target is enough
         return False
     if method.startswith("FM finetune") and cfg.finetune_sizes is not None and size not in cfg.finetune_sizes:
         return False

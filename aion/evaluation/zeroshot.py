@@ -9,10 +9,12 @@ What ``aion zeroshot`` measures (numbers in ``metrics.json``, a summary in ``rep
   median dz|, outlier fraction |dz| > 0.15, bias = median dz; calibration: the fraction of
   truths inside the central 68% and 95% intervals and the PIT histogram (CDF of the posterior
   at the truth; flat when calibrated).
-- The same for a **gradient-boosted baseline** (scikit-learn ``HistGradientBoostingRegressor``)
-  trained with *all* labels of the training catalogue on the same photometry (asinh magnitudes
-  and adjacent colours, missing values left to the trees), hyper-parameters picked on a
-  validation split by NMAD, quantile models for its intervals.
+- The same for the **trivial predictor** (the training set's redshift distribution for every
+  object: its median, and its quantiles as intervals) and a **gradient-boosted baseline**
+  (scikit-learn ``HistGradientBoostingRegressor``) trained with *all* labels of the training
+  catalogue on the same photometry (asinh magnitudes and adjacent colours, missing values left
+  to the trees), hyper-parameters picked on a validation split by NMAD, quantile models for its
+  intervals.
 - **Spectrum generation** (target ``desi_spectrum``) from photometry + images: MaskGIT sampling,
   decoded onto the DESI grid; median reduced chi^2 against the observed spectrum and R^2 against
   the noiseless truth (mock only), against nearest-neighbour baselines in photometry space (the
@@ -47,6 +49,7 @@ HSC_BANDS = ("g", "r", "i", "z", "y")
 PHOTOMETRY = tuple(f"legacysurvey_flux_{b}" for b in LEGACY_BANDS) + tuple(f"hsc_mag_{b}" for b in HSC_BANDS)
 IMAGES = ("legacysurvey_image", "hsc_image")
 INPUT_SETS: dict[str, tuple[str, ...]] = {"photometry": PHOTOMETRY, "photometry+image": PHOTOMETRY + IMAGES}
+TRIVIAL = "training redshift distribution (trivial: no inputs)"
 
 
 @dataclass(kw_only=True)
@@ -362,6 +365,9 @@ def evaluate_zeroshot(model_dir: os.PathLike | str, tokenizers_dir: os.PathLike 
     train = _read_training_set(train_data, cfg)
     x_train, z_train = train.cat("features"), train.cat("z")
     gbm = GBMBaseline.fit(x_train, z_train, cfg.gbm_grid, seed=cfg.seed)
+    # the trivial predictor: the training redshift distribution for everyone (median, quantile intervals)
+    prior = dict(zip((0.5, 0.16, 0.84, 0.025, 0.975), np.quantile(z_train, [0.5, 0.16, 0.84, 0.025, 0.975]),
+                     strict=True))
     neighbours = None
     if train.spec_flux:
         neighbours = NeighbourSpectra(x_train, train.cat("r_flux"), train.cat("spec_flux"), train.cat("spec_valid"))
@@ -391,6 +397,7 @@ def evaluate_zeroshot(model_dir: os.PathLike | str, tokenizers_dir: os.PathLike 
         q = gbm.predict(feats)
         for key, qq in (("median", 0.5), ("p16", 0.16), ("p84", 0.84), ("p2_5", 0.025), ("p97_5", 0.975)):
             add(f"gbm_{key}", q[qq])
+            add(f"prior_{key}", np.full(len(ids), prior[qq]))
         t0 = time.perf_counter()
         # every input modality is tokenized once; each input set (and the spectrum rows) reads its part
         tokenized = am.tokenize({k: v for k, v in objects.items() if k in all_inputs})
@@ -501,6 +508,9 @@ def _summarise(a: dict[str, np.ndarray], cfg: ZeroShotConfig, sets: dict[str, tu
         red[f"foundation model, {set_name}"] = m
     g = redshift_metrics(a["gbm_median"], z, a["gbm_p16"], a["gbm_p84"], a["gbm_p2_5"], a["gbm_p97_5"])
     red["gradient-boosted trees, photometry (all labels)"] = g
+    if "prior_median" in a:
+        red[TRIVIAL] = redshift_metrics(a["prior_median"], z, a["prior_p16"], a["prior_p84"], a["prior_p2_5"],
+                                        a["prior_p97_5"])
     out: dict[str, Any] = {"n_heldout_with_redshift": int(z.size), "redshift": red}
     if "gen_chi2" in a:
         spec: dict[str, Any] = {"n": int(a["gen_chi2"].size)}
