@@ -20,12 +20,18 @@ import tempfile
 import time
 from pathlib import Path
 
+# Peak memory is the child's VmHWM (this process image's high-water mark, in KiB). Not ru_maxrss: on Linux
+# that keeps the parent's high-water mark across fork + exec, so a child of a large process (run_all.py)
+# would report at least the parent's size.
 CHILD = """
 import json, resource, sys, time
 from aion.mock.universe import MockConfig, generate
 t = time.perf_counter()
 s = generate(sys.argv[1], MockConfig(n=int(sys.argv[2]), seed=int(sys.argv[3])), progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
+try:
+    peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 1024
+except (OSError, StopIteration):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
 print(json.dumps({"seconds": time.perf_counter() - t, "counts": s.counts, "peak_mb": peak}))
 """
 
@@ -38,7 +44,9 @@ def machine() -> str:
             f"python {platform.python_version()} | numpy {numpy.__version__} | torch {torch.__version__}")
 
 
-def run(n: int, seed: int, workdir: Path) -> dict:
+def run(n: int, seed: int, workdir: Path, keep: bool = False) -> dict:
+    """Generate N galaxies under ``workdir`` in a fresh process; ``keep`` leaves the data there
+    (``path``) for later benchmarks instead of deleting it."""
     out = workdir / f"mock_{n}"
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CHILD, str(out), str(n), str(seed)],
@@ -48,10 +56,11 @@ def run(n: int, seed: int, workdir: Path) -> dict:
         raise RuntimeError(f"generation of N={n} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    shutil.rmtree(out)
+    if not keep:
+        shutil.rmtree(out)
     return {"n": n, "generate_s": result["seconds"], "wall_s": wall, "gal_per_s": n / result["seconds"],
             "peak_rss_mb": result["peak_mb"],
-            "disk_mb": disk / 1e6, "counts": result["counts"]}
+            "disk_mb": disk / 1e6, "counts": result["counts"], "path": out if keep else None}
 
 
 def main() -> None:

@@ -69,13 +69,18 @@ def encode_throughput(toks: dict, root: Path, n: int, batch_size: int) -> list[t
     return rows
 
 
-def pretokenize_memory(tokenizers: Path, root: Path, threads: int) -> tuple[int, float, float]:
-    """(objects, seconds, peak RSS MB) of ``aion tokenize`` in a fresh process (it reports its own peak)."""
+def pretokenize_memory(tokenizers: Path, root: Path, threads: int, out: Path | None = None) -> tuple[int, float, float]:
+    """(objects, seconds, peak RSS MB) of ``aion tokenize`` in a fresh process (it reports its own peak: VmHWM,
+    since ru_maxrss would include the parent's high-water mark, inherited across fork + exec on Linux).
+
+    The tokens go to a temporary folder, or to ``out`` (kept) when given, e.g. to build a model on them."""
     with tempfile.TemporaryDirectory() as tmp:
+        dest = out if out is not None else Path(tmp) / "tokens"
         code = (f"import resource, torch; torch.set_num_threads({threads}); from aion.cli import main; "
                 f"main(['tokenize', '--tokenizers', {str(tokenizers)!r}, '--data', {str(root)!r}, "
-                f"'--out', {str(Path(tmp) / 'tokens')!r}, '--quiet']); "
-                "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+                f"'--out', {str(dest)!r}, '--quiet']); "
+                "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')]; "
+                "print('PEAK_KB', hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         wall = time.perf_counter() - t

@@ -18,6 +18,7 @@ import torch
 
 from aion.data.batches import ImageBatch, ScalarBatch, SpectrumBatch
 from aion.evaluation.baselines import (
+    ConstantBaseline,
     GBMBaseline,
     Method,
     NetConfig,
@@ -233,6 +234,18 @@ def test_gbm_beats_mean(phot_data):
     d = gbm.describe()
     assert len(d["selection"]) == 6 and d["chosen"]["n_iter"] >= 1
     json.dumps(d)
+
+
+def test_constant_is_the_training_mean(phot_data):
+    train, val, test = phot_data
+    c = ConstantBaseline()
+    assert isinstance(c, Method)
+    with pytest.raises(RuntimeError, match="fit"):
+        c.predict(test)
+    pred = c.fit(train, val, T, PHOT, 0).predict(test)
+    y = train.labels[T]
+    assert pred.shape == (len(test),) and np.all(pred == np.mean(y[np.isfinite(y)]))
+    assert regression_metrics(pred, test.labels[T])["r2"] <= 0.0 + 1e-12  # the floor: never explains variance
 
 
 def test_mlp_beats_mean_and_is_deterministic(phot_data):

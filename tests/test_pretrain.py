@@ -288,15 +288,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two(data: dict, tmp_path: Path, timeout: float = 420) -> Path:
-    """Run the recipe on 2 CPU processes with torchrun (gloo); returns the run folder."""
+def launch_two(data: dict, tmp_path: Path, timeout: float = 420, nproc: int = 2) -> Path:
+    """Run the recipe on ``nproc`` CPU processes with torchrun (gloo, GPUs hidden); returns the run folder."""
     out = Path(data["runtime"]["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     (tmp_path / "worker.py").write_text(WORKER)
     (tmp_path / "recipe.json").write_text(json.dumps(data))
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max_restarts", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--max_restarts", "0",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(tmp_path / "worker.py"), str(tmp_path / "recipe.json")]
     try:
@@ -310,11 +310,10 @@ def launch_two(data: dict, tmp_path: Path, timeout: float = 420) -> Path:
 
 @pytest.fixture(scope="module")
 def single_process_run(tokens, tmp_path_factory) -> Path:
-    """One process, 2 accumulation micro-steps of 8: the same global batch of 16 as 2 processes x 8."""
-    out = tmp_path_factory.mktemp("single") / "run"
-    pretrain(config_from_dict(recipe(tokens, out, steps=6, accum=2, runtime={"checkpoint_every": 3})),
-             progress=False)
-    return out
+    """One process, 2 accumulation micro-steps of 8: the same global batch of 16 as 2 processes x 8. Launched
+    like them (CPU, GPUs hidden), so that on a GPU machine it is not compared across devices."""
+    tmp = tmp_path_factory.mktemp("single")
+    return launch_two(recipe(tokens, tmp / "run", steps=6, accum=2, runtime={"checkpoint_every": 3}), tmp, nproc=1)
 
 
 def check_matches_single(run: Path, single: Path, rtol: float) -> None:

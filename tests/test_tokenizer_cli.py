@@ -29,8 +29,9 @@ def mocks(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_shipped_recipes_declare_their_kind():
     kinds = {p.name: recipe_kind(p) for p in sorted((REPO / "tokenizers").glob("*.yaml"))}
-    assert kinds == {"image_aion.yaml": "image", "image_cpu.yaml": "image", "scalars.yaml": "scalar",
-                     "spectrum_aion.yaml": "spectrum", "spectrum_cpu.yaml": "spectrum"}
+    assert kinds == {"image_aion.yaml": "image", "image_cpu.yaml": "image", "image_quick.yaml": "image",
+                     "scalars.yaml": "scalar", "spectrum_aion.yaml": "spectrum", "spectrum_cpu.yaml": "spectrum",
+                     "spectrum_quick.yaml": "spectrum"}
 
 
 def test_a_recipe_handed_to_the_wrong_trainer_is_a_clear_error(tmp_path):

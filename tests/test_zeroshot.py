@@ -21,6 +21,7 @@ from aion.data.batches import ScalarBatch
 from aion.evaluation.zeroshot import (
     HSC_BANDS,
     LEGACY_BANDS,
+    TRIVIAL,
     GBMBaseline,
     NeighbourSpectra,
     ZeroShotConfig,
@@ -304,7 +305,12 @@ def test_zeroshot_writes_metrics_report_predictions_and_plots(e2e, e2e_run):
 
     red = on_disk["redshift"]
     assert list(red) == ["foundation model, photometry", "foundation model, photometry+image",
-                         "gradient-boosted trees, photometry (all labels)"]
+                         "gradient-boosted trees, photometry (all labels)", TRIVIAL]
+    # the trivial predictor: one value for everyone (the training median), its quantiles as intervals
+    pred = np.load(out / "predictions.npz")
+    assert np.unique(pred["prior_median"]).size == 1 and np.all(pred["prior_p16"] <= pred["prior_p84"])
+    assert abs(red[TRIVIAL]["bias"] - float(np.median((pred["prior_median"] - pred["z_true"])
+                                                      / (1 + pred["z_true"])))) < 1e-12
     for name, r in red.items():
         assert r["n"] == e2e["n_held"]
         for key in ("coverage_68", "coverage_95", "outlier_fraction"):

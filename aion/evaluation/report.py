@@ -50,7 +50,7 @@ def ceilings(agg: dict[tuple, dict[str, float]]) -> dict[str, dict[str, Any]]:
     """Per target: the best baseline with all labels (the 'ceiling' the data allow a from-scratch model)."""
     best: dict[str, dict[str, Any]] = {}
     for (target, input_set, method, size), v in agg.items():
-        if size != "all" or v["family"] != "baseline" or not math.isfinite(v["mean"]):
+        if size != "all" or v["family"] != "baseline" or method == "constant" or not math.isfinite(v["mean"]):
             continue
         if target not in best or v["mean"] > best[target]["r2"]:
             best[target] = {"r2": v["mean"], "std": v["std"], "method": method, "input_set": input_set,

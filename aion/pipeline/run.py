@@ -219,21 +219,26 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def _data(self) -> dict[str, Any]:
-        from aion.mock.universe import MockConfig, generate
+        """Both universes at once, one process each (the generator is single-threaded numpy)."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
         m = self.cfg.mock
         assert m is not None
-        counts = {}
+        jobs = []
         for name, n, seed in (("train", m.n_train, m.seed_train), ("heldout", m.n_heldout, m.seed_heldout)):
             final = self.out / "data" / name
             if not final.is_dir():  # a finished universe is kept; an interrupted one is redone whole
-                tmp = final.with_name(name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                summary = generate(tmp, MockConfig(n=n, seed=seed, image_size=m.image_size,
-                                                   hsc_image_size=m.hsc_image_size), progress=self.progress)
-                (tmp / "summary.json").write_text(json.dumps({"counts": summary.counts, "seconds": summary.seconds}))
-                tmp.rename(final)
-            counts[name] = json.loads((final / "summary.json").read_text())["counts"]
+                jobs.append((str(final), n, seed, m.image_size, m.hsc_image_size,
+                             self.progress and not jobs))  # one progress bar: the first job's
+        if len(jobs) == 1:
+            _make_universe(*jobs[0])
+        elif jobs:
+            with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+                for f in [pool.submit(_make_universe, *job) for job in jobs]:
+                    f.result()
+        counts = {name: json.loads((self.out / "data" / name / "summary.json").read_text())["counts"]
+                  for name in ("train", "heldout")}
         return {"counts": counts}
 
     def _tokenizers(self) -> dict[str, Any]:
@@ -323,6 +328,19 @@ class Pipeline:
         manifest = self.read_manifest()
         path = write_report(self, manifest)
         return {"report": str(path)}
+
+
+def _make_universe(final: str, n: int, seed: int, image_size: int, hsc_image_size: int, progress: bool) -> None:
+    """Generate one mock universe into ``final`` via a temporary folder renamed when complete."""
+    from aion.mock.universe import MockConfig, generate
+
+    out = Path(final)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    summary = generate(tmp, MockConfig(n=n, seed=seed, image_size=image_size, hsc_image_size=hsc_image_size),
+                       progress=progress)
+    (tmp / "summary.json").write_text(json.dumps({"counts": summary.counts, "seconds": summary.seconds}))
+    tmp.rename(out)
 
 
 def run_pipeline(cfg: PipelineConfig, recipe_dir: Path | None = None, out_dir: str | Path | None = None,
