@@ -114,6 +114,16 @@ def test_sigint_mid_pretraining_resumes_and_caches(tmp_path, monkeypatch):
     methods = {r["method"] for r in json.loads((out / "evaluate" / "results.json").read_text())["records"]}
     assert methods == {"FM knn", "constant"}  # the stale linear-probe results were removed, not mixed in
 
+    # a bigger held-out universe remakes only that universe and the measurements, not the model
+    trained = _digests(out / "data" / "train", out / "tokenizers", out / "tokens", out / "model")
+    cfg.mock = MockData(n_train=300, n_heldout=320, image_size=32, hsc_image_size=48)
+    messages.clear()
+    manifest = Pipeline(cfg, out_dir=out, progress=False, echo=messages.append).run()
+    to_run = [m.split(".", 1)[1].strip() for m in messages if m.rstrip().endswith("to run")]
+    assert [t.split()[0] for t in to_run] == ["data", "zero-shot", "evaluation", "report"], messages
+    assert _digests(out / "data" / "train", out / "tokenizers", out / "tokens", out / "model") == trained
+    assert manifest["stages"]["data"]["summary"]["counts"]["heldout"]["legacysurvey"] == 320
+
 
 def test_recipe_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unknown key"):

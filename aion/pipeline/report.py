@@ -212,7 +212,7 @@ def key_figure(pipe: Pipeline, path: Path) -> bool:
         elif panel == "mass" and mass_best is not None:
             label, y, p, m = mass_best
             lo, hi = float(np.nanmin(y)) - 0.2, float(np.nanmax(y)) + 0.2
-            ax.scatter(y, p, s=8, alpha=0.7, label=f"FM probe ({label})")
+            ax.scatter(y, p, s=8, alpha=0.7, label=f"probe: {label}")
             ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
             const = next((v for k, v in (preds or {}).items() if k.startswith(f"{MASS}|") and k.endswith("|constant")),
                          None)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aion.config import to_dict
 from aion.evaluation.report import write_text_atomic
 from aion.pipeline.config import STAGES, PipelineConfig, resolve_path
 
@@ -60,6 +59,8 @@ class Stage:
     outputs: list[Path]
     run: Callable[[], dict[str, Any]]
     """Does the work (resuming where its tool can) and returns a summary for the manifest."""
+    remove_stale: bool = True
+    """False: the stage finds its own stale parts (the data stage keeps an unchanged universe)."""
     fingerprint: str = ""
 
 
@@ -91,10 +92,13 @@ class Pipeline:
     # ------------------------------------------------------------------ plan
     def _plan(self) -> list[Stage]:
         c = self.cfg
-        data_in = ({"mock": to_dict(c.mock)} if c.mock is not None else
-                   {"train_data": str(self.train_data), "heldout_data": str(self.heldout_data)})
+        # each universe has its own fingerprint: a new held-out set must not retrain the model
+        self.universes = self._universe_specs()
+        fps: dict[str, str] = {f"data:{k}": _digest(v) for k, v in self.universes.items()}
         stages = [
-            Stage("data", data_in, [self.out / "data"] if c.mock is not None else [], self._data),
+            Stage("data", dict(self.universes),
+                  [self.out / "data" / k for k in self.universes] if c.mock is not None else [], self._data,
+                  remove_stale=False),
             Stage("tokenizers", {"recipes": {k: _file_digest(p) for k, p in self.tokenizer_recipes.items()}},
                   [self.tokenizers_dir], self._tokenizers),
             Stage("tokens", {}, [self.tokens_dir], self._tokens),
@@ -104,15 +108,22 @@ class Pipeline:
             Stage("evaluate", {"suite": _file_digest(self.suite)}, [self.out / "evaluate"], self._evaluate),
             Stage("report", {"version": 1}, [self.out / "report.md", self.out / "report"], self._report),
         ]
-        upstream = {"data": [], "tokenizers": ["data"], "tokens": ["tokenizers"], "pretrain": ["tokens"],
-                    "zeroshot": ["pretrain", "data"], "evaluate": ["pretrain", "data"],
+        upstream = {"data": [], "tokenizers": ["data:train"], "tokens": ["tokenizers"], "pretrain": ["tokens"],
+                    "zeroshot": ["pretrain", "data:train", "data:heldout"], "evaluate": ["pretrain", "data:heldout"],
                     "report": ["zeroshot", "evaluate"]}
-        fps: dict[str, str] = {}
         for s in stages:
             s.fingerprint = _digest({"stage": s.name, **s.inputs, "upstream": [fps[u] for u in upstream[s.name]]})
             fps[s.name] = s.fingerprint
         assert [s.name for s in stages] == list(STAGES)
         return stages
+
+    def _universe_specs(self) -> dict[str, dict[str, Any]]:
+        m = self.cfg.mock
+        if m is None:
+            return {"train": {"path": str(self.train_data)}, "heldout": {"path": str(self.heldout_data)}}
+        size = {"image_size": m.image_size, "hsc_image_size": m.hsc_image_size}
+        return {"train": {"n": m.n_train, "seed": m.seed_train, **size},
+                "heldout": {"n": m.n_heldout, "seed": m.seed_heldout, **size}}
 
     # ------------------------------------------------------------------ manifest
     def _manifest_path(self) -> Path:
@@ -157,7 +168,7 @@ class Pipeline:
             if stage not in todo:
                 continue
             entry = manifest["stages"].get(stage.name)
-            if entry is not None and entry.get("fingerprint") != stage.fingerprint:
+            if entry is not None and entry.get("fingerprint") != stage.fingerprint and stage.remove_stale:
                 self.echo(f"   {stage.name}: its recipe or inputs changed since the last run; removing stale outputs")
                 self._remove(stage)
             est = self.cfg.estimate_seconds.get(stage.name)
@@ -215,6 +226,8 @@ class Pipeline:
     def _clear_all(self) -> None:
         for s in self.stages:
             self._remove(s)
+        if self.cfg.mock is not None:
+            shutil.rmtree(self.out / "data", ignore_errors=True)
         self._manifest_path().unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ stages
@@ -223,14 +236,17 @@ class Pipeline:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        m = self.cfg.mock
-        assert m is not None
+        if self.cfg.mock is None:  # external data: nothing to make
+            return {"train_data": str(self.train_data), "heldout_data": str(self.heldout_data)}
         jobs = []
-        for name, n, seed in (("train", m.n_train, m.seed_train), ("heldout", m.n_heldout, m.seed_heldout)):
+        for name, spec in self.universes.items():
             final = self.out / "data" / name
+            stamp = final / "spec.json"
+            if final.is_dir() and (not stamp.is_file() or json.loads(stamp.read_text()) != spec):
+                self.echo(f"   {name} universe: its specification changed; making it again")
+                shutil.rmtree(final)
             if not final.is_dir():  # a finished universe is kept; an interrupted one is redone whole
-                jobs.append((str(final), n, seed, m.image_size, m.hsc_image_size,
-                             self.progress and not jobs))  # one progress bar: the first job's
+                jobs.append((str(final), spec, self.progress and not jobs))  # one progress bar: the first job's
         if len(jobs) == 1:
             _make_universe(*jobs[0])
         elif jobs:
@@ -330,16 +346,16 @@ class Pipeline:
         return {"report": str(path)}
 
 
-def _make_universe(final: str, n: int, seed: int, image_size: int, hsc_image_size: int, progress: bool) -> None:
+def _make_universe(final: str, spec: dict[str, Any], progress: bool) -> None:
     """Generate one mock universe into ``final`` via a temporary folder renamed when complete."""
     from aion.mock.universe import MockConfig, generate
 
     out = Path(final)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    summary = generate(tmp, MockConfig(n=n, seed=seed, image_size=image_size, hsc_image_size=hsc_image_size),
-                       progress=progress)
+    summary = generate(tmp, MockConfig(**spec), progress=progress)
     (tmp / "summary.json").write_text(json.dumps({"counts": summary.counts, "seconds": summary.seconds}))
+    (tmp / "spec.json").write_text(json.dumps(spec))
     tmp.rename(out)
 
 
