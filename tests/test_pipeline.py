@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,15 @@ def test_sigint_mid_pretraining_resumes_and_caches(tmp_path, monkeypatch):
     assert [t.split()[0] for t in to_run] == ["data", "zero-shot", "evaluation", "report"], messages
     assert _digests(out / "data" / "train", out / "tokenizers", out / "tokens", out / "model") == trained
     assert manifest["stages"]["data"]["summary"]["counts"]["heldout"]["legacysurvey"] == 320
+
+    # a launcher prefix runs pretraining as a child command (here plain `python`, as `accelerate launch` would)
+    cfg.launcher = (sys.executable,)
+    messages.clear()
+    manifest = Pipeline(cfg, out_dir=out, progress=False, echo=messages.append).run()
+    assert any(m.startswith(f"   $ {sys.executable} -m aion.cli pretrain --recipe") for m in messages), messages
+    assert manifest["stages"]["pretrain"]["summary"]["launcher"] == [sys.executable]
+    assert manifest["stages"]["pretrain"]["summary"]["last"]["step"] == 12
+    assert (out / "model" / "model.safetensors").is_file() and (out / "report.md").is_file()
 
 
 def test_recipe_errors_name_the_problem(tmp_path):
