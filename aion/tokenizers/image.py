@@ -703,6 +703,7 @@ def train_image_tokenizer(recipe: str | os.PathLike | dict | ImageTokenizerRecip
         tok_cfg = replace(tok_cfg, arcsinh_scale=fit_arcsinh_scale(train_sets, tok_cfg.bands,
                                                                     rec.data.arcsinh_noise_multiple))
     rec = replace(rec, tokenizer=tok_cfg)
+    torch.manual_seed(rec.train.seed)  # the initial weights too, not only the data order: same recipe, same bytes
     tok = ImageTokenizer(tok_cfg)
     rows = [(s, r) for s, cs in enumerate(train_sets) for r in range(len(cs))]
     if not rows:
