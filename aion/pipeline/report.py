@@ -78,6 +78,29 @@ def paired_bootstrap(score: Callable[[np.ndarray], float], n: int, draws: int = 
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
 
 
+def _tag(input_set: str) -> str:
+    """Column prefix of an input set in zeroshot/predictions.npz (the zero-shot module's own naming)."""
+    from aion.evaluation.zeroshot import _tag as zeroshot_tag
+
+    return zeroshot_tag(input_set)
+
+
+def _mass_comparison(out: Path, mass: dict[str, dict[str, Any]]
+                     ) -> tuple[str, dict[str, Any], np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """The best foundation-model stellar-mass probe on the test objects it predicted: (label, metrics, truth,
+    probe, constant or None), from evaluate/test_predictions.npz; None when the files lack it."""
+    best, preds = _best(mass, "foundation model"), _test_predictions(out)
+    if best is None or preds is None:
+        return None
+    method, input_set = best[0].split(", ", 1)
+    y, p = preds.get(f"{MASS}|{input_set}|true"), preds.get(f"{MASS}|{input_set}|{method}")
+    if y is None or p is None:
+        return None
+    c = next((v for k, v in preds.items() if k.startswith(f"{MASS}|") and k.endswith("|constant")), None)
+    ok = np.isfinite(y) & np.isfinite(p)
+    return best[0], best[1], y[ok], p[ok], None if c is None else c[ok]
+
+
 def _nmad(dz: np.ndarray) -> float:
     from aion.evaluation.metrics import robust_stats
 
@@ -104,7 +127,7 @@ def key_results(out: Path) -> tuple[list[str], dict[str, Any]]:
         pred_file = out / "zeroshot" / "predictions.npz"
         if fm is not None and triv is not None and pred_file.is_file():
             a = dict(np.load(pred_file))
-            tag = "fm_" + fm_key.split(", ", 1)[1].replace("+", "_")
+            tag = _tag(fm_key.split(", ", 1)[1])
             z = a["z_true"]
             dz_fm, dz_tr = (a[f"{tag}_median"] - z) / (1 + z), (a["prior_median"] - z) / (1 + z)
             ratio = triv["nmad"] / fm["nmad"] if fm["nmad"] > 0 else math.inf
@@ -127,27 +150,20 @@ def key_results(out: Path) -> tuple[list[str], dict[str, Any]]:
         for label, m in sorted(mass.items(), key=lambda kv: (kv[1]["family"] != "foundation model",
                                                              -kv[1].get("r2", -math.inf))):
             lines.append(f"| {label} | {m['r2']:.3f} | {m['rmse']:.3f} | {m['bias']:+.3f} | {m['n_train']} |")
-        best, const = _best(mass, "foundation model"), mass.get("constant")
-        preds = _test_predictions(out)
-        if best is not None and const is not None and preds is not None:
-            method, input_set = best[0].split(", ", 1)
-            y, p = preds.get(f"{MASS}|{input_set}|true"), preds.get(f"{MASS}|{input_set}|{method}")
-            c = next((v for k, v in preds.items() if k.startswith(f"{MASS}|") and k.endswith("|constant")), None)
-            if y is not None and p is not None and c is not None:
-                ok = np.isfinite(y) & np.isfinite(p)
-                y, p, c = y[ok], p[ok], c[ok]
-                var = float(np.var(y))
-                # R^2 gain over the constant on the same objects = (MSE_constant - MSE_probe) / Var(y)
-                lo, hi = paired_bootstrap(lambda r: float(np.mean((c[r] - y[r]) ** 2) - np.mean((p[r] - y[r]) ** 2))
-                                          / var, y.size)
-                beats = lo > CLEAR_R2_GAIN
-                gain = best[1]["r2"] - const["r2"]
-                facts.update(mass_best_probe=best[0], mass_r2=best[1]["r2"], mass_r2_gain_ci95=[lo, hi],
-                             mass_beats_trivial=beats)
-                lines += ["", f"Best probe ({best[0]}): R^2 {best[1]['r2']:.2f} against {const['r2']:.2f} for the "
-                          f"constant, a gain of {gain:.2f} (95% paired-bootstrap interval {lo:.2f} to {hi:.2f}); "
-                          f"RMSE {best[1]['rmse']:.2f} against {const['rmse']:.2f} dex: "
-                          + _verdict(beats, f"the interval's lower end above +{CLEAR_R2_GAIN:.2f}")]
+        const, cmp = mass.get("constant"), _mass_comparison(out, mass)
+        if const is not None and cmp is not None and cmp[4] is not None:
+            label, m, y, p, c = cmp
+            var = float(np.var(y))
+            # R^2 gain over the constant on the same objects = (MSE_constant - MSE_probe) / Var(y)
+            lo, hi = paired_bootstrap(lambda r: float(np.mean((c[r] - y[r]) ** 2) - np.mean((p[r] - y[r]) ** 2))
+                                      / var, y.size)
+            beats = lo > CLEAR_R2_GAIN
+            gain = m["r2"] - const["r2"]
+            facts.update(mass_best_probe=label, mass_r2=m["r2"], mass_r2_gain_ci95=[lo, hi], mass_beats_trivial=beats)
+            lines += ["", f"Best probe ({label}): R^2 {m['r2']:.2f} against {const['r2']:.2f} for the "
+                      f"constant, a gain of {gain:.2f} (95% paired-bootstrap interval {lo:.2f} to {hi:.2f}); "
+                      f"RMSE {m['rmse']:.2f} against {const['rmse']:.2f} dex: "
+                      + _verdict(beats, f"the interval's lower end above +{CLEAR_R2_GAIN:.2f}")]
         lines.append("")
     return lines, facts
 
@@ -175,17 +191,9 @@ def key_figure(pipe: Pipeline, path: Path) -> bool:
     zp = out / "zeroshot" / "predictions.npz"
     if zp.is_file():
         panels.append("z")
-    preds = _test_predictions(out)
-    mass_best = None
-    if preds is not None:
-        mass = _probe_rows(_load_json(out / "evaluate" / "results.json"), MASS)
-        best = _best(mass, "foundation model")
-        if best is not None:
-            method, input_set = best[0].split(", ", 1)
-            key = f"{MASS}|{input_set}|{method}"
-            if key in preds and f"{MASS}|{input_set}|true" in preds:
-                mass_best = (best[0], preds[f"{MASS}|{input_set}|true"], preds[key], best[1])
-                panels.append("mass")
+    mass_cmp = _mass_comparison(out, _probe_rows(_load_json(out / "evaluate" / "results.json"), MASS))
+    if mass_cmp is not None:
+        panels.append("mass")
     records = read_metrics(pipe.run_dir)
     if records:
         panels.append("loss")
@@ -195,7 +203,7 @@ def key_figure(pipe: Pipeline, path: Path) -> bool:
     for ax, panel in zip(axes[0], panels, strict=True):
         if panel == "z":
             a = dict(np.load(zp))
-            tag = next((t for t in ("fm_photometry_image", "fm_photometry") if f"{t}_median" in a), None)
+            tag = next((_tag(s) for s in FM_SETS if f"{_tag(s)}_median" in a), None)
             z = a["z_true"]
             hi = float(np.percentile(z, 99.5)) * 1.15
             grid = np.linspace(0, hi, 50)
@@ -207,16 +215,14 @@ def key_figure(pipe: Pipeline, path: Path) -> bool:
             for sign in (1, -1):
                 ax.plot(grid, grid + sign * 0.15 * (1 + grid), "k:", lw=0.6)
             ax.set(xlim=(0, hi), ylim=(0, hi), xlabel="spectroscopic z (held out)", ylabel="predicted z",
-                   title="zero-shot z" + (" (photometry + images)" if tag == "fm_photometry_image" else ""))
+                   title="zero-shot z" + (" (photometry + images)" if tag == _tag("photometry+image") else ""))
             ax.legend(fontsize=8, loc="upper left")
-        elif panel == "mass" and mass_best is not None:
-            label, y, p, m = mass_best
-            lo, hi = float(np.nanmin(y)) - 0.2, float(np.nanmax(y)) + 0.2
+        elif panel == "mass" and mass_cmp is not None:
+            label, m, y, p, const = mass_cmp
+            lo, hi = float(np.min(y)) - 0.2, float(np.max(y)) + 0.2
             ax.scatter(y, p, s=8, alpha=0.7, label=f"probe: {label}")
             ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
-            const = next((v for k, v in (preds or {}).items() if k.startswith(f"{MASS}|") and k.endswith("|constant")),
-                         None)
-            if const is not None:
+            if const is not None and const.size:
                 ax.axhline(float(const[0]), color="C3", lw=1.2, ls="--", label="trivial (training mean)")
             ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="log stellar mass (test set)", ylabel="predicted",
                    title=f"stellar-mass probe, R$^2$ {m['r2']:.2f}")

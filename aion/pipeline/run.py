@@ -68,7 +68,6 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, recipe_dir: Path | None = None, out_dir: str | Path | None = None,
                  progress: bool = True, echo: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
-        self.recipe_dir = recipe_dir
         self.out = Path(out_dir if out_dir is not None else cfg.out_dir).resolve()
         self.progress = progress
         self.echo = echo or (lambda msg: print(msg, flush=True))
