@@ -559,6 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_zeroshot_parser(sub)
     add_evaluate_parser(sub)
 
+    from aion.discovery.cli import add_discovery_parsers
+
+    add_discovery_parsers(sub)
+
     p = sub.add_parser("modalities", help="list the registered modalities")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_modalities)

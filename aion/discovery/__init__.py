@@ -1,0 +1,1 @@
+"""Discovery on embeddings: similarity search, outlier scores, maps and residual representations."""
