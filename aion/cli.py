@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 def _cmd_mock_universe(args: argparse.Namespace) -> int:
     from aion.mock.universe import MockConfig, generate
 
-    cfg = MockConfig(n=args.n, seed=args.seed, image_size=args.image_size, hsc_image_size=args.hsc_image_size)
+    cfg = MockConfig(n=args.n, seed=args.seed, image_size=args.image_size, hsc_image_size=args.hsc_image_size,
+                     hidden_physics=not args.no_hidden_physics)
     summary = generate(args.out, cfg, progress=not args.quiet)
     rate = cfg.n / summary.seconds if summary.seconds > 0 else float("nan")
     print(f"mock universe written to {Path(args.out).resolve()} in {summary.seconds:.1f} s ({rate:.0f} galaxies/s)")
@@ -443,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64, help="Legacy Survey cutout size in pixels (default 64)")
     p.add_argument("--hsc-image-size", type=int, default=96, help="HSC cutout size in pixels (default 96)")
     p.add_argument("--plot", action="store_true", help="also write a PNG gallery under OUT/plots")
+    p.add_argument("--no-hidden-physics", action="store_true",
+                   help="no AGN, bars or rare population (by default they are planted and recorded only in truth)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_mock_universe)
 

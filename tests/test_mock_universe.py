@@ -231,3 +231,85 @@ def test_crossmatch_recovers_the_same_galaxies_in_legacy_and_hsc(universe):
         assert np.all(batch.columns["separation_arcsec"] < 0.3)
         got.update({int(a): int(b) for a, b in zip(batch.object_id, batch.columns["hsc.object_id"], strict=True)})
     assert got == expected
+
+
+# ------------------------------------------------------------------ hidden physics
+HIDDEN = ("AGN", "AGN_FRAC", "AGN_AMP", "BAR_FRAC", "BAR_RE", "BAR_Q", "BAR_PA", "RARE", "LINE_BOOST")
+
+
+@pytest.fixture(scope="session")
+def hidden_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A bigger universe with hidden physics and the same one without (same seed)."""
+    cfg = dict(n=500, seed=11, image_size=32, hsc_image_size=48, chunk_size=128)
+    on, off = tmp_path_factory.mktemp("hidden_on"), tmp_path_factory.mktemp("hidden_off")
+    generate(on, MockConfig(**cfg), progress=False)
+    generate(off, MockConfig(**cfg, hidden_physics=False), progress=False)
+    return on, off
+
+
+def test_hidden_properties_live_only_in_truth(universe):
+    truth = _read_all(universe, "truth")
+    assert set(HIDDEN) <= set(truth.columns)
+    for survey in ("legacysurvey", "hsc", "desi", "provabgs"):
+        cols = set(_read_all(universe, survey).columns) | set(_read_all(universe, survey).modalities)
+        assert not {c for c in cols if c.upper() in HIDDEN}, survey
+
+
+def test_hidden_physics_changes_only_the_galaxies_that_have_it(hidden_pair):
+    on, off = hidden_pair
+    t_on, t_off = _read_all(on, "truth"), _read_all(off, "truth")
+    h = t_on.columns
+    agn, barred, rare = h["AGN"].astype(bool), h["BAR_FRAC"] > 0, h["RARE"].astype(bool)
+    # plausible rates: a few % AGN, bars in a share of massive star-forming disks, ~1-2% rare
+    assert 0.01 < agn.mean() < 0.12 and 0.05 < barred.mean() < 0.35 and 0.002 < rare.mean() < 0.04
+    assert np.all(h["AGN_FRAC"][agn] > 0.1) and np.all(h["AGN_FRAC"][~agn] == 0)
+    assert np.all(h["LINE_BOOST"][rare] >= 10) and np.all(h["LINE_BOOST"][~rare] == 1)
+    assert not (barred & h["QUENCHED"].astype(bool)).any()
+    off_cols = t_off.columns
+    assert not off_cols["AGN"].any() and not (off_cols["BAR_FRAC"] > 0).any() and not off_cols["RARE"].any()
+    # its own random stream: every other draw is unchanged, so plain galaxies are identical bit for bit
+    np.testing.assert_array_equal(h["Z"], off_cols["Z"])
+    plain = ~(agn | barred | rare)
+    img_on = _read_all(on, "legacysurvey").modalities["legacysurvey_image"].flux
+    img_off = _read_all(off, "legacysurvey").modalities["legacysurvey_image"].flux
+    np.testing.assert_array_equal(img_on[plain], img_off[plain])
+    assert np.all(np.abs(img_on[~plain] - img_off[~plain]).max(axis=(1, 2, 3)) > 0)
+
+
+def test_agn_are_red_in_wise_and_point_like(hidden_pair):
+    on, off = hidden_pair
+    t_on, t_off = _read_all(on, "truth").columns, _read_all(off, "truth").columns
+    agn = t_on["AGN"].astype(bool)
+    w1, w2 = t_on["WISE_FLUX_TRUE"][:, 0], t_on["WISE_FLUX_TRUE"][:, 1]
+    w1_off, w2_off = t_off["WISE_FLUX_TRUE"][:, 0], t_off["WISE_FLUX_TRUE"][:, 1]
+    # hot dust: the W1 - W2 colour of the same galaxy is redder with its nucleus (AB mags)
+    colour_on = -2.5 * np.log10(w1[agn] / w2[agn])
+    colour_off = -2.5 * np.log10(w1_off[agn] / w2_off[agn])
+    assert np.median(colour_on - colour_off) > 0.2
+    # the r-band share of the nucleus is what AGN_FRAC says
+    r_on, r_off = t_on["LEGACY_FLUX_TRUE"][agn, 1], t_off["LEGACY_FLUX_TRUE"][agn, 1]
+    np.testing.assert_allclose(1 - r_off / r_on, t_on["AGN_FRAC"][agn], rtol=1e-6)
+    # a point source concentrates the light: the peak pixel of the noiseless image rises more than the total
+    img_on, img_off = noiseless_images(t_on, "legacysurvey", 32)[agn], noiseless_images(t_off, "legacysurvey", 32)[agn]
+    peak_gain = img_on.max(axis=(2, 3)) / img_off.max(axis=(2, 3))
+    total_gain = img_on.sum(axis=(2, 3)) / img_off.sum(axis=(2, 3))
+    assert np.all(peak_gain[:, 1] > total_gain[:, 1])
+
+
+def test_rare_population_has_extreme_lines_in_its_spectra(hidden_pair):
+    from aion.mock.universe import noiseless_desi_spectra
+
+    on, _ = hidden_pair
+    truth = _read_all(on, "truth").columns
+    rare = np.flatnonzero(truth["RARE"].astype(bool))
+    assert rare.size >= 3
+    sub = {k: v[rare] for k, v in truth.items()}
+    plain = dict(sub, LINE_FLUX=truth["LINE_FLUX"][rare] / sub["LINE_BOOST"][:, None])
+    wave = desi_wavelength()
+    boosted, normal = noiseless_desi_spectra(sub), noiseless_desi_spectra(plain)
+    ha = 6564.61 * (1 + sub["Z"])
+    inside = (ha > wave[0] + 20) & (ha < wave[-1] - 20)
+    assert inside.any()
+    for i in np.flatnonzero(inside):
+        win = np.abs(wave - ha[i]) < 10
+        assert (boosted[i, win] - normal[i, win]).sum() > 5 * (normal[i, win].sum() - np.median(normal[i]) * win.sum())

@@ -75,13 +75,14 @@ def gaussian_lines(wave: np.ndarray, centres: np.ndarray, fluxes: np.ndarray, si
 
 def noiseless_spectra(coeffs_bulge: np.ndarray, coeffs_disk: np.ndarray, fib_bulge: np.ndarray,
                       fib_disk: np.ndarray, z: np.ndarray, vdisp: np.ndarray, sigma_gas: np.ndarray,
-                      line_flux: np.ndarray, ebv: np.ndarray) -> np.ndarray:
+                      line_flux: np.ndarray, ebv: np.ndarray, agn_flambda: np.ndarray | None = None) -> np.ndarray:
     """Fibre spectra (B, 7781) in 1e-17 erg/s/cm^2/A before noise.
 
     Bulge light is broadened by the stellar velocity dispersion, disk light by 70 km/s
     (unresolved rotation within the fibre); lines (total fluxes ``line_flux`` (B, n_lines),
     emitted by the disk, so scaled by the disk fibre fraction) by the gas dispersion and
-    the instrument; Milky Way extinction from ``ebv``.
+    the instrument; Milky Way extinction from ``ebv``. ``agn_flambda``: (B, 7781) light of an
+    unresolved nucleus inside the fibre (erg/s/cm^2/A, see :mod:`aion.mock.hidden`), added as is.
     """
     wave = desi_wavelength()
     # work on a log-lambda grid for velocity convolution
@@ -105,6 +106,8 @@ def noiseless_spectra(coeffs_bulge: np.ndarray, coeffs_disk: np.ndarray, fib_bul
             sig = np.sqrt((c * sigma_gas[i] / sed.C_KMS) ** 2 + np.interp(c, wave, inst) ** 2)
             spec += gaussian_lines(wave, c, line_flux[i, inside] * fib_disk[i], sig)
         out[i] = spec
+    if agn_flambda is not None:
+        out += agn_flambda
     return out * mw / FLUX_UNIT
 
 

@@ -30,7 +30,7 @@ from astropy_healpix import HEALPix
 
 from aion import modalities as registry
 from aion.data.mmu import MMUShardWriter, shard_path
-from aion.mock import imaging, population, sed, spectra
+from aion.mock import hidden, imaging, population, sed, spectra
 
 CONFIG = "mock"
 NSIDE = 16
@@ -78,6 +78,8 @@ class MockConfig:
     """How many of the footprint's HEALPix pixels HSC covers (an overlapping subset)."""
     bgs_completeness: float = 0.8
     lrg_completeness: float = 0.7
+    hidden_physics: bool = True
+    """Plant AGN, bars and a rare population recorded only in ``truth`` (see :mod:`aion.mock.hidden`)."""
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -135,6 +137,7 @@ class _Generator:
     def __init__(self, cfg: MockConfig):
         self.cfg = cfg
         self.phot = sed.PhotometryTable(ALL_FILTERS)
+        self.agn_phot = hidden.AgnPhotometry(ALL_FILTERS)
         self.hp = HEALPix(nside=NSIDE, order="nested")
 
     # ------------------------------------------------------------------ selection
@@ -161,10 +164,12 @@ class _Generator:
 
     # ------------------------------------------------------------------ imaging
     def render(self, pop: population.Population, comp_flux: np.ndarray, pixel_scale: float, size: int,
-               psf_fwhm: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+               psf_fwhm: np.ndarray, offsets: np.ndarray, hid: hidden.Hidden | None = None,
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Noiseless PSF-convolved images (B, C, size, size) and per-band normalised profiles' sum p^2.
 
-        comp_flux: (B, 2, C) bulge/disk fluxes in image units.
+        comp_flux: (B, K, C) bulge / disk (/ AGN point source when K = 3) fluxes in image units;
+        ``hid``: bars take their share of the disk light.
         """
         b, _, c = comp_flux.shape
         bulge = imaging.sersic_stamps(4.0, pop.re_bulge, pop.q_bulge, pop.pa, pixel_scale, size, offset_px=offsets)
@@ -172,6 +177,20 @@ class _Generator:
         psf = imaging.gaussian_psf_kernel_fft(psf_fwhm.reshape(-1), pixel_scale, size, beta=3.5)
         # convolution is linear: combine the components per band, then convolve once
         unconv = comp_flux[:, 0, :, None, None] * bulge[:, None] + comp_flux[:, 1, :, None, None] * disk[:, None]
+        if hid is not None:
+            barred = np.flatnonzero(hid.bar_frac > 0)
+            if barred.size:
+                bar = imaging.sersic_stamps(0.5, hid.bar_re[barred], hid.bar_q[barred], hid.bar_pa[barred],
+                                            pixel_scale, size, offset_px=offsets[barred])
+                share = hid.bar_frac[barred, None, None, None] * comp_flux[barred, 1, :, None, None]
+                unconv[barred] += share * (bar[:, None] - disk[barred, None])
+        if comp_flux.shape[1] > 2:
+            nucleus = np.flatnonzero((comp_flux[:, 2] > 0).any(axis=1))
+            if nucleus.size:
+                point = imaging.sersic_stamps(1.0, np.full(nucleus.size, hidden.POINT_SOURCE_RE_ARCSEC),
+                                              np.ones(nucleus.size), np.zeros(nucleus.size), pixel_scale, size,
+                                              offset_px=offsets[nucleus])
+                unconv[nucleus] += comp_flux[nucleus, 2, :, None, None] * point[:, None]
         model = imaging.convolve_fft(unconv.reshape(b * c, size, size), psf).reshape(b, c, size, size)
         total = comp_flux.sum(axis=1)
         prof = model / np.where(total > 0, total, 1.0)[:, :, None, None]
@@ -198,7 +217,7 @@ class _Generator:
         return psf.astype(np.float32).astype(np.float64), depth
 
     def image_survey(self, pop, comp_maggies, mw, survey_name: str, cond: SurveyConditions, size: int,
-                     rng: np.random.Generator) -> dict[str, np.ndarray]:
+                     rng: np.random.Generator, hid: hidden.Hidden | None = None) -> dict[str, np.ndarray]:
         """Cutouts + catalogue fluxes of one imaging survey, in the survey's native units."""
         srv = registry.survey(survey_name)
         unit = 10 ** (0.4 * (srv.zero_point - 22.5)) * 1e9  # image units per maggy
@@ -206,7 +225,7 @@ class _Generator:
         psf, depth = self.conditions(cond, b, rng)
         comp = comp_maggies * mw[:, None, :] * unit  # (B, 2, C)
         offsets = rng.uniform(-0.5, 0.5, (b, 2))
-        model, sum_p2 = self.render(pop, comp, srv.pixel_scale, size, psf, offsets)
+        model, sum_p2 = self.render(pop, comp, srv.pixel_scale, size, psf, offsets, hid)
         sky = imaging.sky_sigma_from_depth(depth, psf, srv.pixel_scale, zero_point=srv.zero_point)
         gain = np.full(sky.shape, cond.gain)
         noisy, ivar = imaging.add_noise(model, sky, gain, rng)
@@ -229,6 +248,37 @@ class _Generator:
             "_flux": flux_cat, "_flux_ivar": flux_ivar, "_true_flux": total, "_offsets": offsets,
             "_depth": depth, "_model_sum": model.sum(axis=(2, 3)),
         }
+
+
+POINT_FIBRE_FRACTION = hidden.point_source_fibre_fraction(spectra.FIBER_DIAMETER_ARCSEC,
+                                                         spectra.FIBER_SEEING_FWHM_ARCSEC)
+
+
+def _hidden_physics(gen: _Generator, cfg: MockConfig, pop: population.Population, comp_maggies: np.ndarray,
+                    line_flux: np.ndarray, pixel: int, start: int,
+                    ) -> tuple[hidden.Hidden, np.ndarray, np.ndarray]:
+    """Draw the hidden properties (own random stream) and add their light: (hidden, (B, 3, F) maggies, lines)."""
+    b = len(pop)
+    if not cfg.hidden_physics:
+        return hidden.none(b), np.concatenate([comp_maggies, np.zeros_like(comp_maggies[:, :1])], axis=1), line_flux
+    hrng = np.random.default_rng([cfg.seed, 2, pixel, start])
+    agn_unit = gen.agn_phot.maggies(pop.z)
+    r_band = 1  # the Legacy Survey r filter in ALL_FILTERS
+    draws = hidden.draw(pop.log_mstar, pop.quenched, pop.re_disk, pop.pa, comp_maggies[:, :, r_band].sum(axis=1),
+                        agn_unit[:, r_band], hrng)
+    boosted = hidden.boosted_lines(line_flux, draws)
+    lw = np.array(list(sed.LINES.values()))[None, :] * (1 + pop.z[:, None])
+    comp_maggies = comp_maggies.copy()
+    comp_maggies[:, 1] += gen.phot.line_maggies(boosted - line_flux, lw)  # lines belong to the disk
+    agn = draws.agn_amp[:, None] * agn_unit
+    return draws, np.concatenate([comp_maggies, agn[:, None]], axis=1), boosted
+
+
+def _agn_fibre_flambda(agn_amp: np.ndarray, z: np.ndarray) -> np.ndarray | None:
+    """The AGN's f_lambda inside the fibre on the DESI grid (erg/s/cm^2/A), None when no AGN."""
+    if not np.any(agn_amp > 0):
+        return None
+    return hidden.agn_observed_flambda(agn_amp * POINT_FIBRE_FRACTION, z, spectra.desi_wavelength())
 
 
 def _ids(survey_index: int, pixel: int, start: int, n: int) -> np.ndarray:
@@ -285,6 +335,7 @@ def generate(out: str | os.PathLike, cfg: MockConfig, progress: bool = True) -> 
 def _chunk(gen: _Generator, cfg: MockConfig, pixel: int, in_hsc: bool, start: int, k: int,
            rng: np.random.Generator) -> dict[str, dict[str, np.ndarray] | None]:
     pop, comp_maggies, line_flux = gen.draw_selected(k, rng)
+    hid, comp_maggies, line_flux = _hidden_physics(gen, cfg, pop, comp_maggies, line_flux, pixel, start)
     ra, dec = _positions_in_pixel(gen.hp, pixel, k, rng)
     ebv = milky_way_ebv(ra, dec)
     healpix = np.full(k, pixel, dtype=np.int64)
@@ -296,17 +347,19 @@ def _chunk(gen: _Generator, cfg: MockConfig, pixel: int, in_hsc: bool, start: in
 
     # ---------------- Legacy Survey
     leg = gen.image_survey(pop, comp_maggies[:, :, :nl], mw[:, :nl], "legacysurvey", LEGACY_CONDITIONS,
-                           cfg.image_size, rng)
+                           cfg.image_size, rng, hid)
     fib_b, fib_d = gen.fiber_fractions(pop)
-    fiber = (comp_maggies[:, 0, :nl] * fib_b[:, None] + comp_maggies[:, 1, :nl] * fib_d[:, None]) * mw[:, :nl] * 1e9
+    fiber = (comp_maggies[:, 0, :nl] * fib_b[:, None] + comp_maggies[:, 1, :nl] * fib_d[:, None]
+             + comp_maggies[:, 2, :nl] * POINT_FIBRE_FRACTION) * mw[:, :nl] * 1e9
     wise_true = comp_maggies[:, :, nl:nl + nw].sum(axis=1) * mw[:, nl:nl + nw] * 1e9
     wise_sigma = 10 ** (0.4 * (22.5 - np.array(WISE_DEPTH))) / 5.0
     wise = wise_true + rng.standard_normal(wise_true.shape) * wise_sigma
     true_r = (comp_maggies[:, :, 1].sum(axis=1) * mw[:, 1] * 1e9)
     snr_r = true_r * np.sqrt(leg["_flux_ivar"][:, 1])
     w_b = comp_maggies[:, 0, 1] / np.clip(comp_maggies[:, :, 1].sum(axis=1), 1e-30, None)
-    re_true = w_b * pop.re_bulge + (1 - w_b) * pop.re_disk
-    q_true = w_b * pop.q_bulge + (1 - w_b) * pop.q_disk
+    w_p = comp_maggies[:, 2, 1] / np.clip(comp_maggies[:, :, 1].sum(axis=1), 1e-30, None)  # AGN: a point
+    re_true = w_b * pop.re_bulge + (1 - w_b - w_p) * pop.re_disk
+    q_true = w_b * pop.q_bulge + (1 - w_b - w_p) * pop.q_disk + w_p
     e_true = (1 - q_true) / (1 + q_true)
     shape_noise = np.clip(2.0 / np.clip(snr_r, 1e-3, None), 0.005, 0.5)
     shape_r = re_true * np.exp(rng.normal(0, shape_noise))
@@ -331,7 +384,7 @@ def _chunk(gen: _Generator, cfg: MockConfig, pixel: int, in_hsc: bool, start: in
     hsc_true = np.full((k, 5), np.nan)
     if in_hsc:
         hsc = gen.image_survey(pop, comp_maggies[:, :, nl + nw:], mw[:, nl + nw:], "hsc", HSC_CONDITIONS,
-                               cfg.hsc_image_size, rng)
+                               cfg.hsc_image_size, rng, hid)
         to_nmgy = 10 ** (-0.4 * (27.0 - 22.5))
         hsc_true = hsc["_true_flux"] * to_nmgy
         f_nmgy = hsc["_flux"] * to_nmgy
@@ -362,7 +415,8 @@ def _chunk(gen: _Generator, cfg: MockConfig, pixel: int, in_hsc: bool, start: in
     if targets.size:
         sub = pop.select(targets)
         spec_true = spectra.noiseless_spectra(sub.coeffs_bulge, sub.coeffs_disk, fib_b[targets], fib_d[targets],
-                                              sub.z, sub.vdisp, sub.sigma_gas, line_flux[targets], ebv[targets])
+                                              sub.z, sub.vdisp, sub.sigma_gas, line_flux[targets], ebv[targets],
+                                              agn_flambda=_agn_fibre_flambda(hid.agn_amp[targets], sub.z))
         expo = np.exp(rng.normal(0, 0.25, targets.size))
         flux, ivar, mask = spectra.observe(spec_true, rng, expo)
         snr = np.median(spec_true * np.sqrt(ivar), axis=1)
@@ -409,6 +463,7 @@ def _chunk(gen: _Generator, cfg: MockConfig, pixel: int, in_hsc: bool, start: in
         "LEGACY_FLUX_TRUE": leg["_true_flux"], "LEGACY_MODEL_SUM": leg["_model_sum"],
         "WISE_FLUX_TRUE": wise_true, "HSC_FLUX_TRUE_NMGY": hsc_true,
         "COMP_MAGGIES": comp_maggies,
+        **hid.truth_columns(),
     }
     if in_hsc:
         truth["HSC_OFFSET"] = hsc["_offsets"]
@@ -448,7 +503,9 @@ def noiseless_images(truth: dict[str, np.ndarray], survey_name: str, size: int) 
     out = np.full((len(pop), len(srv.bands), size, size), np.nan)
     if have.any():
         gen = _Generator.__new__(_Generator)  # rendering needs no precomputed tables
-        model, _ = gen.render(pop.select(have), comp[have], srv.pixel_scale, size, psf[have], offsets[have])
+        hid = hidden.Hidden.from_truth(truth)
+        model, _ = gen.render(pop.select(have), comp[have], srv.pixel_scale, size, psf[have], offsets[have],
+                              None if hid is None else hid.select(have))
         out[have] = model
     return out
 
@@ -463,4 +520,6 @@ def noiseless_desi_spectra(truth: dict[str, np.ndarray]) -> np.ndarray:
         np.asarray(truth["COEFFS_BULGE"]), np.asarray(truth["COEFFS_DISK"]),
         np.asarray(truth["FIBER_FRAC_BULGE"]), np.asarray(truth["FIBER_FRAC_DISK"]), np.asarray(truth["Z"]),
         np.asarray(truth["VDISP"]), np.asarray(truth["SIGMA_GAS"]), np.asarray(truth["LINE_FLUX"]),
-        np.asarray(truth["EBV"]))
+        np.asarray(truth["EBV"]),
+        agn_flambda=_agn_fibre_flambda(np.asarray(truth["AGN_AMP"], dtype=np.float64), np.asarray(truth["Z"]))
+        if "AGN_AMP" in truth else None)
