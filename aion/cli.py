@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -270,7 +271,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         cols["error"] = _error_column(errors, n)
         return cols
 
-    summary = _run_rows(args, stream, process, "embed")
+    # recorded so that tables of different models are never compared (aion search --queries checks it)
+    weights = Path(args.model) / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else "unknown"
+    summary = _run_rows(args, stream, process, "embed", metadata={"model_sha256": digest, "pooling": args.pooling})
     _report(summary, f"embeddings ({args.pooling})", args)
     return 0
 
