@@ -263,7 +263,7 @@ def test_hidden_physics_changes_only_the_galaxies_that_have_it(hidden_pair):
     # plausible rates: a few % AGN, bars in a share of massive star-forming disks, ~1-2% rare
     assert 0.01 < agn.mean() < 0.12 and 0.05 < barred.mean() < 0.35 and 0.002 < rare.mean() < 0.04
     assert np.all(h["AGN_FRAC"][agn] > 0.1) and np.all(h["AGN_FRAC"][~agn] == 0)
-    assert np.all(h["LINE_BOOST"][rare] >= 10) and np.all(h["LINE_BOOST"][~rare] == 1)
+    assert np.all(h["LINE_BOOST"][rare] >= 15) and np.all(h["LINE_BOOST"][~rare] == 1)
     assert not (barred & h["QUENCHED"].astype(bool)).any()
     off_cols = t_off.columns
     assert not off_cols["AGN"].any() and not (off_cols["BAR_FRAC"] > 0).any() and not off_cols["RARE"].any()

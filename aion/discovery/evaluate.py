@@ -10,8 +10,9 @@ One command answers the questions a survey scientist would ask before trusting t
   and residual embeddings (k-NN density) and from the flow (unconditional and conditional NLL).
 - Does search return objects of the same population? precision@k per population next to chance.
 
-The flow is fitted on one seeded half of the objects; probes train on that half and are scored
-on the other, so nothing is scored on objects it was fitted to.
+The flow is fitted on every object, as ``aion residualize`` does on a catalogue (it reads embeddings
+and conditions, never a hidden label); probes train on one seeded half of the objects and are scored
+on the other.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ class DiscoveryEvalConfig:
     flow: dict[str, Any] = field(default_factory=dict)
     """FlowConfig overrides (e.g. steps, hidden)."""
     k: int = 10
+    nll_negatives: int = 1000
+    """Flow-NLL AUROCs score every rare object and this many seeded random others (an unbiased AUROC
+    estimate: the exact log-density costs ~D backward passes per solver stage and object)."""
+    nll_ode_steps: int = 16
+    """Solver steps of the log-density (16 ranks objects like 32 with Spearman 0.998 on the quickstart model)."""
     test_fraction: float = 0.5
     bootstrap: int = 1000
     seed: int = 0
@@ -141,7 +147,7 @@ def run_discovery_eval(embeddings: PathLike, truth: PathLike, out: PathLike,
     c = np.stack([labels[n] for n in cfg.conditions], axis=1)
     train, test = _split(len(emb), cfg.test_fraction, cfg.seed)
     flow_cfg = FlowConfig.from_dict({"seed": cfg.seed, **cfg.flow})
-    flow = ConditionalFlow.fit(x[train], c[train], flow_cfg, progress=progress, condition_names=list(cfg.conditions))
+    flow = ConditionalFlow.fit(x, c, flow_cfg, progress=progress, condition_names=list(cfg.conditions))
     residuals = {g: flow.to_base(x, c, guidance=g, progress=progress).astype(np.float32) for g in cfg.guidance}
     spaces = {"raw": x, **{f"residual(w={g:g})": r for g, r in residuals.items()}}
 
@@ -173,9 +179,14 @@ def run_discovery_eval(embeddings: PathLike, truth: PathLike, out: PathLike,
     # --- outliers: the rare population
     rare = labels[cfg.rare].astype(int)
     scores = {f"knn density, {s}": knn_density_score(v, k=cfg.k) for s, v in spaces.items()}
-    scores["flow NLL, unconditional (raw)"] = -flow.log_prob(x, None)
-    scores["flow NLL, conditional -log p(x|c)"] = -flow.log_prob(x, c)
     metrics["rare_auroc"] = {name: auroc(s, rare) for name, s in scores.items()}
+    others = np.flatnonzero(rare == 0)
+    pick = np.sort(np.concatenate([np.flatnonzero(rare == 1), np.random.default_rng([cfg.seed, 11]).choice(
+        others, min(cfg.nll_negatives, others.size), replace=False)]))
+    for name, cond in (("flow NLL, unconditional", None), ("flow NLL, conditional -log p(x|c)", c[pick])):
+        nll = -flow.log_prob(x[pick], cond, ode_steps=cfg.nll_ode_steps, progress=progress)
+        metrics["rare_auroc"][name] = auroc(nll, rare[pick])
+    metrics["nll_objects"] = int(pick.size)
     metrics["rare_count"] = int(rare.sum())
 
     # --- search: precision@k per population
@@ -278,8 +289,8 @@ def render_report(metrics: dict[str, Any], cfg: DiscoveryEvalConfig, figure: str
     lines = ["# Discovery tools on the mock universe", "",
              f"{metrics['n_objects']} embedded objects ({metrics['dropped_rows']} rows without an embedding left "
              f"out), {metrics['dim']}-dim. The residual flow is conditioned on {', '.join(cfg.conditions)} and "
-             f"fitted on {metrics['n_train']} objects; probes train on those and are scored on the other "
-             f"{metrics['n_test']}. Flow loss: train {metrics['flow']['final_loss']:.3f}, "
+             f"fitted on all of them (as `aion residualize` does); probes train on {metrics['n_train']} and are "
+             f"scored on the other {metrics['n_test']}. Flow loss: train {metrics['flow']['final_loss']:.3f}, "
              f"validation {metrics['flow']['final_val_loss']:.3f}. {metrics['seconds']:.0f} s.", "",
              f"![summary]({figure})", "", "## Verdicts", "", "| claim | rule | result | met |", "|---|---|---|---|"]
     for name, v in metrics["verdicts"].items():

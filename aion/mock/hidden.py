@@ -12,9 +12,10 @@ recorded only in the ``truth`` table:
 - **Bars** (``BAR_FRAC`` and geometry): in star-forming disks above 10^9.5 Msun a share of
   the disk light is redistributed into an elongated Sersic n = 0.5 component with its own
   position angle (seen directly in the sky plane: projection is not modelled). Images only.
-- **A rare population** (``RARE``, ``LINE_BOOST``): extreme emission-line galaxies, about 2%
-  of star-forming galaxies, whose nebular lines are 10-40x stronger ([OIII] and [NeIII] a
-  further 3x, as in low-metallicity starbursts). They change broadband colours, images and
+- **A rare population** (``RARE``, ``LINE_BOOST``): extreme emission-line galaxies (green-pea
+  like), about 1-2% of all galaxies, drawn among star-forming galaxies below 10^10.3 Msun: nebular
+  lines 15-50x stronger and a high-ionization spectrum, [OIII]5007/Hbeta = 6 (Cardamone et al.
+  2009 find EW([OIII]) of hundreds to ~1000 A). They change broadband colours, images and
   spectra. The boost is applied after the magnitude selection (selection is on continuum
   plus normal lines).
 
@@ -39,8 +40,9 @@ AGN_DUST_TO_DISC_2UM = 2.0  # hot dust / disc f_nu at 2.2 um rest
 POINT_SOURCE_RE_ARCSEC = 0.01  # a Sersic this small renders as the PSF
 BAR_MIN_LOG_MSTAR = 9.5
 BAR_PROBABILITY = 0.35
-RARE_PROBABILITY = 0.03
-_OXYGEN_LINES = ("OIII_4959", "OIII_5007", "NeIII_3869")
+RARE_PROBABILITY = 0.08
+RARE_MAX_LOG_MSTAR = 10.3
+RARE_OIII_HBETA = 6.0
 
 
 @dataclass
@@ -170,15 +172,20 @@ def draw(log_mstar: np.ndarray, quenched: np.ndarray, re_disk: np.ndarray, pa: n
     bar_q = np.where(barred, rng.uniform(0.2, 0.35, b), 1.0)
     bar_pa = np.where(barred, (pa + rng.uniform(-np.pi / 2, np.pi / 2, b)) % np.pi, 0.0)
     # extreme emission-line galaxies among star-forming ones
-    rare = ~quenched & (rng.random(b) < RARE_PROBABILITY)
-    line_boost = np.where(rare, 10 ** rng.uniform(1.0, np.log10(40.0), b), 1.0)
+    rare = ~quenched & (log_mstar < RARE_MAX_LOG_MSTAR) & (rng.random(b) < RARE_PROBABILITY)
+    line_boost = np.where(rare, 10 ** rng.uniform(np.log10(15.0), np.log10(50.0), b), 1.0)
     return Hidden(agn=agn, agn_frac=agn_frac, agn_amp=agn_amp, bar_frac=bar_frac, bar_re=bar_re, bar_q=bar_q,
                   bar_pa=bar_pa, rare=rare, line_boost=line_boost)
 
 
 def boosted_lines(line_flux: np.ndarray, hidden: Hidden) -> np.ndarray:
-    """Nebular line fluxes with the rare population's boost (oxygen/neon a further 3x)."""
+    """Nebular line fluxes with the rare population's boost and high-ionization [OIII] / [NeIII]."""
     names = list(sed.LINES)
-    extra = np.array([3.0 if n in _OXYGEN_LINES else 1.0 for n in names])
-    factor = np.where(hidden.rare[:, None], hidden.line_boost[:, None] * extra[None, :], 1.0)
-    return line_flux * factor
+    out = line_flux * np.where(hidden.rare, hidden.line_boost, 1.0)[:, None]
+    rare = hidden.rare
+    if rare.any():
+        o3 = RARE_OIII_HBETA * out[rare, names.index("Hbeta")]
+        out[rare, names.index("OIII_5007")] = o3
+        out[rare, names.index("OIII_4959")] = o3 / 2.98
+        out[rare, names.index("NeIII_3869")] = 0.1 * o3
+    return out
