@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from aion.pipeline import Pipeline, PipelineConfig, load_pipeline
-from aion.pipeline.config import REPO, MockData
+from aion.pipeline.config import REPO, DiscoveryStage, MockData
 
 MASS_SUITE = {"name": "tiny", "targets": ["provabgs_log_mstar"], "input_sets": ["photometry"], "sizes": ["all"],
               "seeds": [0], "fm_methods": ["linear"], "finetune": [], "baselines": ["constant"], "min_val": 3}
@@ -49,7 +49,9 @@ def tiny_config(tmp: Path) -> PipelineConfig:
         tokenizers=("tokenizers/scalars.yaml", image, spectrum), pretrain=_write(tmp / "pre.yaml", pre),
         zeroshot={"gen_steps": 2, "gen_samples": 1, "plots": False,
                   "gbm_grid": [{"learning_rate": 0.1, "max_leaf_nodes": 7, "min_samples_leaf": 5}]},
-        evaluate=_write(tmp / "suite.yaml", MASS_SUITE), threads=2)
+        evaluate=_write(tmp / "suite.yaml", MASS_SUITE), threads=2,
+        discovery=DiscoveryStage(flow={"steps": 30, "hidden": 32, "depth": 1, "ode_steps": 4}, map_method="pca",
+                                 nll_negatives=40, nll_ode_steps=2))
 
 
 def _digests(*roots: Path) -> dict[str, str]:
@@ -98,6 +100,8 @@ def test_sigint_mid_pretraining_resumes_and_caches(tmp_path, monkeypatch):
     assert "## Key results" in report and "FM zero-shot, photometry+image" in report
     assert "trivial (training z distribution)" in report and "| constant |" in report
     assert (out / "report" / "key_results.png").is_file()
+    assert "## Discovery on the held-out objects" in report and "forgets conditions" in report
+    assert (out / "discovery" / "outliers.parquet").is_file() and (out / "discovery" / "map" / "map_Z.png").is_file()
     facts = json.loads((out / "report" / "key_results.json").read_text())
     assert {"redshift_nmad_ratio", "mass_r2"} <= set(facts)
 
@@ -121,7 +125,7 @@ def test_sigint_mid_pretraining_resumes_and_caches(tmp_path, monkeypatch):
     messages.clear()
     manifest = Pipeline(cfg, out_dir=out, progress=False, echo=messages.append).run()
     to_run = [m.split(".", 1)[1].strip() for m in messages if m.rstrip().endswith("to run")]
-    assert [t.split()[0] for t in to_run] == ["data", "zero-shot", "evaluation", "report"], messages
+    assert [t.split()[0] for t in to_run] == ["data", "zero-shot", "evaluation", "discovery", "report"], messages
     assert _digests(out / "data" / "train", out / "tokenizers", out / "tokens", out / "model") == trained
     assert manifest["stages"]["data"]["summary"]["counts"]["heldout"]["legacysurvey"] == 320
 

@@ -178,16 +178,18 @@ def run_discovery_eval(embeddings: PathLike, truth: PathLike, out: PathLike,
 
     # --- outliers: the rare population
     rare = labels[cfg.rare].astype(int)
-    scores = {f"knn density, {s}": knn_density_score(v, k=cfg.k) for s, v in spaces.items()}
-    metrics["rare_auroc"] = {name: auroc(s, rare) for name, s in scores.items()}
-    others = np.flatnonzero(rare == 0)
-    pick = np.sort(np.concatenate([np.flatnonzero(rare == 1), np.random.default_rng([cfg.seed, 11]).choice(
-        others, min(cfg.nll_negatives, others.size), replace=False)]))
-    for name, cond in (("flow NLL, unconditional", None), ("flow NLL, conditional -log p(x|c)", c[pick])):
-        nll = -flow.log_prob(x[pick], cond, ode_steps=cfg.nll_ode_steps, progress=progress)
-        metrics["rare_auroc"][name] = auroc(nll, rare[pick])
-    metrics["nll_objects"] = int(pick.size)
     metrics["rare_count"] = int(rare.sum())
+    metrics["rare_auroc"] = {}
+    if 0 < rare.sum() < len(rare):  # a held-out set without rare objects is data, not an error
+        scores = {f"knn density, {s}": knn_density_score(v, k=min(cfg.k, len(v) - 1)) for s, v in spaces.items()}
+        metrics["rare_auroc"] = {name: auroc(s, rare) for name, s in scores.items()}
+        others = np.flatnonzero(rare == 0)
+        pick = np.sort(np.concatenate([np.flatnonzero(rare == 1), np.random.default_rng([cfg.seed, 11]).choice(
+            others, min(cfg.nll_negatives, others.size), replace=False)]))
+        for name, cond in (("flow NLL, unconditional", None), ("flow NLL, conditional -log p(x|c)", c[pick])):
+            nll = -flow.log_prob(x[pick], cond, ode_steps=cfg.nll_ode_steps, progress=progress)
+            metrics["rare_auroc"][name] = auroc(nll, rare[pick])
+        metrics["nll_objects"] = int(pick.size)
 
     # --- search: precision@k per population
     prec: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -227,8 +229,8 @@ def verdicts(metrics: dict[str, Any], cfg: DiscoveryEvalConfig) -> dict[str, Any
         out[f"keeps hidden properties ({s})"] = {
             "rule": "the best probe's held-out R^2 from residuals >= the best from raw embeddings",
             "per_property": best_hidden, "met": bool(any(v["met"] for v in best_hidden.values()))}
-        raw_auc = metrics["rare_auroc"]["knn density, raw"]
-        res_auc = metrics["rare_auroc"][f"knn density, {s}"]
+        raw_auc = metrics["rare_auroc"].get("knn density, raw", float("nan"))
+        res_auc = metrics["rare_auroc"].get(f"knn density, {s}", float("nan"))
         out[f"rare population stands out more ({s})"] = {
             "rule": "k-NN density outlier AUROC for the rare population: residual > raw",
             "raw": raw_auc, "residual": res_auc, "met": bool(res_auc > raw_auc)}
@@ -267,10 +269,12 @@ def plot_summary(metrics: dict[str, Any], cfg: DiscoveryEvalConfig, path: Path) 
     axes[1].set_xlim(0.3, 1.0)
     axes[1].set_xlabel(f"AUROC for the rare population ({metrics['rare_count']} objects)")
     pops = list(cfg.populations)
+    def member(s: str, p: str, key: str) -> float:
+        return next((r[key] for r in metrics["precision_at_k"][s][p] if r["label"] == 1), float("nan"))
+
     for j, s in enumerate(spaces):
-        vals = [next(r["precision"] for r in metrics["precision_at_k"][s][p] if r["label"] == 1) for p in pops]
-        axes[2].bar(np.arange(len(pops)) + j * width, vals, width, label=s)
-    chance = [next(r["base_rate"] for r in metrics["precision_at_k"][spaces[0]][p] if r["label"] == 1) for p in pops]
+        axes[2].bar(np.arange(len(pops)) + j * width, [member(s, p, "precision") for p in pops], width, label=s)
+    chance = [member(spaces[0], p, "base_rate") for p in pops]
     axes[2].scatter(np.arange(len(pops)) + width * (len(spaces) - 1) / 2, chance, color="k", marker="_", s=300,
                     label="chance", zorder=3)
     axes[2].set_xticks(np.arange(len(pops)) + width * (len(spaces) - 1) / 2, pops, fontsize=8)
@@ -316,7 +320,7 @@ def render_report(metrics: dict[str, Any], cfg: DiscoveryEvalConfig, figure: str
             lines.append(f"- {target}, {s}: {cis}")
     lines += ["", f"## Rare population as outliers ({metrics['rare_count']} of {metrics['n_objects']})", "",
               "| score | AUROC |", "|---|---|"]
-    lines += [f"| {n} | {a:.3f} |" for n, a in metrics["rare_auroc"].items()]
+    lines += [f"| {n} | {a:.3f} |" for n, a in metrics["rare_auroc"].items()] or ["| (no rare objects) | - |"]
     lines += ["", f"## Search: precision@{cfg.k} (cosine) per population", "",
               "| population | space | members | precision (members) | chance | precision (others) | chance |",
               "|---|---|---|---|---|---|---|"]

@@ -16,7 +16,7 @@ from aion.config import from_dict, load_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPE = REPO / "training" / "pipelines" / "quickstart.yaml"
-STAGES = ("data", "tokenizers", "tokens", "pretrain", "zeroshot", "evaluate", "report")
+STAGES = ("data", "tokenizers", "tokens", "pretrain", "zeroshot", "evaluate", "discovery", "report")
 
 
 @dataclass(kw_only=True)
@@ -40,6 +40,35 @@ class MockData:
 
 
 @dataclass(kw_only=True)
+class DiscoveryStage:
+    """The discovery stage: embed the held-out objects, measure the discovery tools against the mock's
+    hidden truth (:mod:`aion.discovery.evaluate`), draw a map and rank outliers."""
+
+    condition: tuple[str, ...] = ("Z", "LOG_MSTAR")
+    hidden: tuple[str, ...] = ("AGN_FRAC", "BAR_FRAC")
+    guidance: tuple[float, ...] = (1.0,)
+    flow: dict[str, Any] = field(default_factory=dict)
+    """:class:`aion.discovery.flow.FlowConfig` overrides."""
+    map_method: str = "tsne"
+    map_colors: tuple[str, ...] = ("Z", "LOG_MSTAR", "AGN_FRAC", "RARE")
+    map_max_objects: int = 20000
+    nll_negatives: int = 1000
+    nll_ode_steps: int = 16
+
+    def __post_init__(self) -> None:
+        from aion.discovery.evaluate import DiscoveryEvalConfig
+        from aion.discovery.maps import METHODS
+
+        self.condition, self.hidden = tuple(self.condition), tuple(self.hidden)
+        self.guidance, self.map_colors = tuple(float(g) for g in self.guidance), tuple(self.map_colors)
+        DiscoveryEvalConfig(conditions=self.condition, hidden=self.hidden, guidance=self.guidance)  # validates
+        if self.map_method not in METHODS:
+            raise ValueError(f"discovery.map_method: expected one of {list(METHODS)}, got {self.map_method!r}")
+        if self.map_max_objects < 1:
+            raise ValueError(f"discovery.map_max_objects: expected >= 1, got {self.map_max_objects}")
+
+
+@dataclass(kw_only=True)
 class PipelineConfig:
     name: str = "quickstart"
     out_dir: str = "runs/quickstart"
@@ -57,6 +86,8 @@ class PipelineConfig:
     zeroshot: dict[str, Any] = field(default_factory=dict)
     """Options of :class:`aion.evaluation.zeroshot.ZeroShotConfig`."""
     evaluate: str = "evaluation/quickstart.yaml"
+    discovery: DiscoveryStage | None = field(default_factory=DiscoveryStage)
+    """Discovery tools on the held-out objects (None: skip; the measurement needs a mock's ``truth``)."""
     threads: int | None = None
     """torch threads of this process (None: torch's default, one per physical core)."""
     estimate_seconds: dict[str, float] = field(default_factory=dict)
@@ -66,6 +97,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.mock, dict):
             self.mock = from_dict(MockData, self.mock, "mock")
+        if isinstance(self.discovery, dict):
+            self.discovery = from_dict(DiscoveryStage, self.discovery, "discovery")
         if self.mock is None and (self.train_data is None or self.heldout_data is None):
             raise ValueError("mock is null: give both train_data and heldout_data (MMU data roots)")
         if self.mock is not None and (self.train_data is not None or self.heldout_data is not None):

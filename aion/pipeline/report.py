@@ -253,6 +253,7 @@ def write_report(pipe: Pipeline, manifest: dict[str, Any]) -> Path:
     lines += body
     if key_figure(pipe, tmp_figs / "key_results.png"):
         lines += ["![key results](report/key_results.png)", ""]
+    lines += discovery_section(out, tmp_figs)
     # copy the stages' own figures next to the report so the folder is self-contained
     for src in [*(out / "zeroshot").glob("*.png"), *(out / "evaluate").glob("*.png")]:
         shutil.copyfile(src, tmp_figs / f"{src.parent.name}_{src.name}")
@@ -286,6 +287,38 @@ def write_report(pipe: Pipeline, manifest: dict[str, Any]) -> Path:
     return path
 
 
+def discovery_section(out: Path, figs: Path) -> list[str]:
+    """The discovery stage's verdicts (read from its metrics.json) and its map, copied into ``figs``."""
+    metrics = _load_json(out / "discovery" / "eval" / "metrics.json")
+    if not metrics:
+        return []
+    lines = ["## Discovery on the held-out objects", "",
+             f"Embeddings of {metrics['n_objects']} held-out galaxies; residual embeddings conditioned on "
+             f"{', '.join(metrics['config']['conditions'])} by flow matching; hidden properties and the rare "
+             "population come from the mock's truth table, which no model or tool reads.", "",
+             "| claim | rule | result | met |", "|---|---|---|---|"]
+    for name, v in metrics["verdicts"].items():
+        if "worst_r2" in v:
+            result = f"worst probe R^2 {v['worst_r2']:.3f}"
+        elif "per_property" in v:
+            result = "; ".join(f"{t}: {p['best_raw_r2']:.2f} -> {p['best_residual_r2']:.2f}"
+                               for t, p in v["per_property"].items())
+        else:
+            result = f"AUROC {v['raw']:.3f} -> {v['residual']:.3f}"
+        lines.append(f"| {name} | {v['rule']} | {result} | {'yes' if v['met'] else 'no'} |")
+    lines.append("")
+    for src, name in ((out / "discovery" / "eval" / "discovery.png", "discovery_summary.png"),
+                      (out / "discovery" / "map" / "map_Z.png", "discovery_map_Z.png"),
+                      (out / "discovery" / "map" / "gallery.png", "discovery_gallery.png")):
+        if src.is_file():
+            shutil.copyfile(src, figs / name)
+            lines += [f"![{name}](report/{name})", ""]
+    lines += ["Details: [discovery measurement](discovery/eval/report.md), [map and gallery](discovery/map/index.md), "
+              "ranked outliers in `discovery/outliers.parquet`, embeddings in `discovery/embeddings.parquet` "
+              "(`aion search`, `aion outliers`, `aion residualize` work on it directly).", ""]
+    return lines
+
+
 def _stage_summary(name: str, s: dict[str, Any]) -> str:
     if name == "data" and "counts" in s:
         return "; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in c.items() if n != "truth")
@@ -304,4 +337,9 @@ def _stage_summary(name: str, s: dict[str, Any]) -> str:
         return f"{s['n_heldout_with_redshift']} held-out redshifts"
     if name == "evaluate" and "n_labelled" in s:
         return f"{s['n_labelled']} labelled held-out objects, {s['n_test']} in the test split"
+    if name == "discovery" and "verdicts" in s:
+        met = sum(s["verdicts"].values())
+        return f"{s['n_objects']} held-out objects embedded; {met} of {len(s['verdicts'])} claims met"
+    if name == "discovery" and "skipped" in s:
+        return f"skipped ({s['skipped']})"
     return ""

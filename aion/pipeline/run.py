@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ from aion.pipeline.config import STAGES, PipelineConfig, resolve_path
 MANIFEST = "pipeline.json"
 TITLES = {"data": "data (mock universes: training + held out)", "tokenizers": "tokenizers (train / fit)",
           "tokens": "pre-tokenization", "pretrain": "pretraining", "zeroshot": "zero-shot prediction",
-          "evaluate": "evaluation suite", "report": "report"}
+          "evaluate": "evaluation suite", "discovery": "discovery (search, outliers, map, residuals)",
+          "report": "report"}
 
 
 class PipelineError(RuntimeError):
@@ -105,11 +106,13 @@ class Pipeline:
                   [self.run_dir, self.model_dir], self._pretrain),
             Stage("zeroshot", {"options": c.zeroshot}, [self.out / "zeroshot"], self._zeroshot),
             Stage("evaluate", {"suite": _file_digest(self.suite)}, [self.out / "evaluate"], self._evaluate),
+            Stage("discovery", {"options": None if c.discovery is None else asdict(c.discovery)},
+                  [self.out / "discovery"] if c.discovery is not None else [], self._discovery),
             Stage("report", {"version": 1}, [self.out / "report.md", self.out / "report"], self._report),
         ]
         upstream = {"data": [], "tokenizers": ["data:train"], "tokens": ["tokenizers"], "pretrain": ["tokens"],
                     "zeroshot": ["pretrain", "data:train", "data:heldout"], "evaluate": ["pretrain", "data:heldout"],
-                    "report": ["zeroshot", "evaluate"]}
+                    "discovery": ["pretrain", "data:heldout"], "report": ["zeroshot", "evaluate", "discovery"]}
         for s in stages:
             s.fingerprint = _digest({"stage": s.name, **s.inputs, "upstream": [fps[u] for u in upstream[s.name]]})
             fps[s.name] = s.fingerprint
@@ -336,6 +339,46 @@ class Pipeline:
         meta = run_suite(load_suite(self.suite), self.heldout_data, self.out / "evaluate", model_dir=self.model_dir,
                          tokenizers_dir=self.tokenizers_dir, progress=self.progress)
         return {"n_labelled": meta["n_labelled"], "n_test": meta["n_test"]}
+
+    def _discovery(self) -> dict[str, Any]:
+        """Embed the held-out objects, then measure / map / rank them (written to a folder renamed when done)."""
+        d = self.cfg.discovery
+        if d is None:
+            return {"skipped": "discovery: null in the recipe"}
+        truth = Path(self.heldout_data) / "truth"
+        if not truth.is_dir():
+            raise PipelineError(f"discovery: the held-out data {self.heldout_data} has no truth survey, so the "
+                                "discovery tools cannot be measured; set `discovery: null` in the recipe")
+        from aion.cli import main as aion_main
+        from aion.discovery.evaluate import DiscoveryEvalConfig, run_discovery_eval
+        from aion.discovery.maps import MapConfig, run_map
+        from aion.discovery.outliers import knn_density_score, rank_outliers
+        from aion.discovery.tables import load_embeddings
+        from aion.inference.io import TableWriter
+
+        final = self.out / "discovery"
+        work = final.with_name("discovery.tmp")
+        work.mkdir(parents=True, exist_ok=True)
+        emb_path = work / "embeddings.parquet"  # resumable: `aion embed` keeps its finished parts
+        argv = ["embed", "--model", str(self.model_dir), "--tokenizers", str(self.tokenizers_dir),
+                "--data", str(self.heldout_data), "--join", "hsc", "desi", "--out", str(emb_path)]
+        if not emb_path.exists():
+            aion_main(argv + ([] if self.progress else ["--quiet"]))
+        metrics = run_discovery_eval(
+            emb_path, truth, work / "eval",
+            DiscoveryEvalConfig(conditions=d.condition, hidden=d.hidden, guidance=d.guidance, flow=d.flow,
+                                nll_negatives=d.nll_negatives, nll_ode_steps=d.nll_ode_steps),
+            progress=self.progress)
+        run_map(emb_path, work / "map", MapConfig(method=d.map_method, colors=d.map_colors, catalogue=truth,
+                                                   data=Path(self.heldout_data), max_objects=d.map_max_objects),
+                progress=self.progress, log=self.echo)
+        emb = load_embeddings(emb_path)
+        with TableWriter(work / "outliers.parquet", {"embeddings": "embeddings.parquet", "score": "knn"}) as w:
+            w.append(rank_outliers(emb.ids, {"knn": knn_density_score(emb.vectors)}, "knn"))
+        shutil.rmtree(final, ignore_errors=True)
+        work.rename(final)
+        return {"n_objects": metrics["n_objects"],
+                "verdicts": {k: bool(v["met"]) for k, v in metrics["verdicts"].items()}}
 
     def _report(self) -> dict[str, Any]:
         from aion.pipeline.report import write_report
