@@ -52,7 +52,8 @@ def test_residuals_forget_conditions_and_keep_the_hidden_property(tmp_path):
     by_label = {r["label"]: r for r in m["precision_at_k"]["raw"]["QUENCHED"]}
     assert by_label[1]["precision"] > by_label[1]["base_rate"]  # mass is in the embedding: neighbours share it
     assert set(m["verdicts"]) == {f"forgets conditions ({res})", f"keeps hidden properties ({res})",
-                                  f"rare population stands out more ({res})"}
+                                  f"rare population stands out more, k-NN density ({res})",
+                                  "rare population stands out more, flow likelihood"}
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["probe_r2"]["Z"]["raw"]["ridge"] == pytest.approx(r2["Z"]["raw"]["ridge"])
     report = (tmp_path / "out" / "report.md").read_text()

@@ -105,7 +105,7 @@ def test_round_trip_and_chunking(mixture_flow):
     z = flow.to_base(x[:300], c[:300])
     assert np.abs(flow.from_base(z, c[:300]) - x[:300]).max() < 0.02
     chunked = ConditionalFlow(flow.net, FlowConfig(**{**TOY_CFG.__dict__, "chunk_size": 64}), flow.x_mean,
-                              flow.x_std, flow.c_mean, flow.c_std, flow.condition_names)
+                              flow.x_std, flow.c_mean, flow.c_std, flow.condition_names, x_rotation=flow.x_rotation)
     assert np.allclose(chunked.to_base(x[:300], c[:300]), z, atol=1e-5)
 
 

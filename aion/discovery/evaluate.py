@@ -231,9 +231,14 @@ def verdicts(metrics: dict[str, Any], cfg: DiscoveryEvalConfig) -> dict[str, Any
             "per_property": best_hidden, "met": bool(any(v["met"] for v in best_hidden.values()))}
         raw_auc = metrics["rare_auroc"].get("knn density, raw", float("nan"))
         res_auc = metrics["rare_auroc"].get(f"knn density, {s}", float("nan"))
-        out[f"rare population stands out more ({s})"] = {
+        out[f"rare population stands out more, k-NN density ({s})"] = {
             "rule": "k-NN density outlier AUROC for the rare population: residual > raw",
             "raw": raw_auc, "residual": res_auc, "met": bool(res_auc > raw_auc)}
+    raw_nll = metrics["rare_auroc"].get("flow NLL, unconditional", float("nan"))
+    cond_nll = metrics["rare_auroc"].get("flow NLL, conditional -log p(x|c)", float("nan"))
+    out["rare population stands out more, flow likelihood"] = {
+        "rule": "AUROC of -log p(x | conditions) > AUROC of -log p(x) (the same flow's two branches)",
+        "raw": raw_nll, "residual": cond_nll, "met": bool(cond_nll > raw_nll)}
     return out
 
 

