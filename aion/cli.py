@@ -550,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
         "quickstart", help="the whole pipeline in one command: data -> tokenizers -> tokens -> pretraining -> "
                            "zero-shot -> evaluation -> report (cached stages, resumable)",
         description="Runs the stages of a pipeline recipe (default training/pipelines/quickstart.yaml: the mock "
-                    "universe on 2 CPU cores in about 10 minutes) and writes OUT/report.md. Finished stages are "
+                    "universe on 2 CPU cores in about 15 minutes) and writes OUT/report.md. Finished stages are "
                     "recorded in OUT/pipeline.json and skipped on a rerun; an interrupted run (Ctrl-C) resumes "
                     "where it stopped; a changed recipe reruns the stages that depend on it.")
     p.add_argument("--recipe", type=Path, default=None,

@@ -47,6 +47,7 @@ def test_residuals_forget_conditions_and_keep_the_hidden_property(tmp_path):
     assert max(r2["Z"][res].values()) < 0.3 and max(r2["LOG_MSTAR"][res].values()) < 0.3
     # the hidden property survives (a short toy fit loses some of it; the mock measurement is the real test)
     assert max(r2["AGN_FRAC"]["raw"].values()) > 0.9 and max(r2["AGN_FRAC"][res].values()) > 0.6
+    assert max(r2["AGN_FRAC|c"][res].values()) > 0.6  # independent of z and mass here: all of it is unexplained
     assert m["rare_count"] == 20 and set(m["rare_auroc"]) >= {"knn density, raw", "flow NLL, unconditional"}
     assert all(0.0 <= a <= 1.0 for a in m["rare_auroc"].values())
     by_label = {r["label"]: r for r in m["precision_at_k"]["raw"]["QUENCHED"]}

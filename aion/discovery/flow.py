@@ -92,10 +92,10 @@ class FlowConfig:
     ode_steps: int = 32
     ode_method: str = "rk4"
     whiten: bool = True
-    """Decorrelate the dimensions (PCA whitening, eigenvalues floored at 1e-6 of the largest) before the flow,
-    not only scale them: embedding dimensions are strongly correlated, and straight paths from an isotropic
-    Gaussian to a nearly degenerate cloud are hard to learn. On the quickstart's held-out embeddings the
-    residuals' best probe R^2 for z fell from 0.18-0.23 (per-dimension scaling) to <= 0.01."""
+    """Decorrelate the dimensions (PCA whitening) before the flow, not only scale them: embedding dimensions are
+    strongly correlated, and straight paths from an isotropic Gaussian to a nearly degenerate cloud are hard to
+    learn. On the quickstart's held-out embeddings the residuals' best probe R^2 for z fell from 0.18-0.23
+    (per-dimension scaling) to below 0.1 (docs/discovery.md)."""
     chunk_size: int = 4096
     """Rows per inference chunk (log_prob uses a smaller one: its Jacobians are D times larger)."""
 
@@ -265,12 +265,13 @@ def _standardized(a: np.ndarray, mean: np.ndarray, std: np.ndarray, rotation: np
 
 
 def _whitening(a: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(rotation (D, D), scale (D,)): the covariance's eigenvectors and the square roots of its eigenvalues
-    (floored at 1e-6 of the largest), accumulated over row blocks."""
+    """(rotation (D, D), scale (D,)): the covariance's eigenvectors and the square roots of its eigenvalues,
+    floored at 1e-3 of the largest so that near-empty directions are not blown up into unit-variance noise
+    (a floor of 1e-6 lost a third of the hidden AGN signal on the quickstart embeddings, 1e-2 let z leak back)."""
     cov = sum((a[i:i + _CHECK_ROWS] - mean).T @ (a[i:i + _CHECK_ROWS] - mean)
               for i in range(0, len(a), _CHECK_ROWS)) / len(a)
     eigval, eigvec = np.linalg.eigh(np.asarray(cov, np.float64))
-    eigval = np.maximum(eigval, 1e-6 * eigval.max())
+    eigval = np.maximum(eigval, WHITENING_FLOOR * eigval.max())
     return eigvec, np.sqrt(eigval)
 
 
@@ -579,6 +580,7 @@ class ConditionalFlow:
 
 
 _ROTATION_KEY = "whitening.rotation"
+WHITENING_FLOOR = 1e-3
 
 
 def _fm_loss(net: VelocityNet, x1: torch.Tensor, c: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor,
