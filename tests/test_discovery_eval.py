@@ -55,6 +55,8 @@ def test_residuals_forget_conditions_and_keep_the_hidden_property(tmp_path):
     assert set(m["verdicts"]) == {f"forgets conditions ({res})", f"keeps hidden properties ({res})",
                                   f"rare population stands out more, k-NN density ({res})",
                                   "rare population stands out more, flow likelihood"}
+    keep = m["verdicts"][f"keeps hidden properties ({res})"]["per_property"]["AGN_FRAC|c"]
+    assert keep["testable"] and keep["met"] == (keep["best_residual_r2"] >= keep["best_raw_r2"])
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["probe_r2"]["Z"]["raw"]["ridge"] == pytest.approx(r2["Z"]["raw"]["ridge"])
     report = (tmp_path / "out" / "report.md").read_text()

@@ -302,6 +302,7 @@ def discovery_section(out: Path, figs: Path) -> list[str]:
             result = f"worst probe R^2 {v['worst_r2']:.3f}"
         elif "per_property" in v:
             result = "; ".join(f"{t}: {p['best_raw_r2']:.2f} -> {p['best_residual_r2']:.2f}"
+                               + ("" if p.get("testable", True) else " (untested: raw R^2 ~ 0)")
                                for t, p in v["per_property"].items())
         else:
             result = f"AUROC {v['raw']:.3f} -> {v['residual']:.3f}"
