@@ -65,7 +65,7 @@ def main() -> None:
     for item in args.set:
         key, value = item.split("=", 1)
         kind = type(getattr(FlowConfig(), key))
-        overrides[key] = kind(value)
+        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     cfg = dataclasses.replace(FlowConfig(seed=args.seed), **overrides)
     print(f"{int(ok.sum())} objects x {x.shape[1]} dims, conditions {cond}, torch threads {torch.get_num_threads()}")
     print(f"config: {cfg}")

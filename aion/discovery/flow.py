@@ -96,6 +96,10 @@ class FlowConfig:
     strongly correlated, and straight paths from an isotropic Gaussian to a nearly degenerate cloud are hard to
     learn. On the quickstart's held-out embeddings the residuals' best probe R^2 for z fell from 0.18-0.23
     (per-dimension scaling) to below 0.1 (docs/discovery.md)."""
+    whiten_floor: float = 1e-3
+    """Eigenvalues below this share of the largest are raised to it, so near-empty directions are not blown up
+    into unit-variance noise. On the quickstart embeddings 1e-6 kept less of the hidden AGN signal and 1e-2 let z
+    leak back (``benchmarks/residualize_check.py --set whiten_floor=...``)."""
     chunk_size: int = 4096
     """Rows per inference chunk (log_prob uses a smaller one: its Jacobians are D times larger)."""
 
@@ -121,6 +125,8 @@ class FlowConfig:
                 raise ValueError(f"FlowConfig.{name}: expected a number > 0, got {value!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"FlowConfig.weight_decay: expected a number >= 0, got {self.weight_decay!r}")
+        if not 0.0 < self.whiten_floor < 1.0:
+            raise ValueError(f"FlowConfig.whiten_floor: expected a share in (0, 1), got {self.whiten_floor!r}")
         if self.ode_method not in _METHODS:
             raise ValueError(f"FlowConfig.ode_method: expected one of {_METHODS}, got {self.ode_method!r}")
 
@@ -264,14 +270,13 @@ def _standardized(a: np.ndarray, mean: np.ndarray, std: np.ndarray, rotation: np
     return ((centred if rotation is None else centred @ rotation) / std).astype(np.float32)
 
 
-def _whitening(a: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _whitening(a: np.ndarray, mean: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
     """(rotation (D, D), scale (D,)): the covariance's eigenvectors and the square roots of its eigenvalues,
-    floored at 1e-3 of the largest so that near-empty directions are not blown up into unit-variance noise
-    (a floor of 1e-6 lost a third of the hidden AGN signal on the quickstart embeddings, 1e-2 let z leak back)."""
+    floored at ``floor`` times the largest (:attr:`FlowConfig.whiten_floor`), accumulated over row blocks."""
     cov = sum((a[i:i + _CHECK_ROWS] - mean).T @ (a[i:i + _CHECK_ROWS] - mean)
               for i in range(0, len(a), _CHECK_ROWS)) / len(a)
     eigval, eigvec = np.linalg.eigh(np.asarray(cov, np.float64))
-    eigval = np.maximum(eigval, WHITENING_FLOOR * eigval.max())
+    eigval = np.maximum(eigval, floor * eigval.max())
     return eigvec, np.sqrt(eigval)
 
 
@@ -335,7 +340,7 @@ class ConditionalFlow:
             raise ValueError(f"x: dimension(s) {dead[:10].tolist()} are constant over all objects; drop them first")
         x_rotation = None
         if cfg.whiten:
-            x_rotation, x_std = _whitening(x, x_mean)
+            x_rotation, x_std = _whitening(x, x_mean, cfg.whiten_floor)
         c_mean = c_std = None
         if c is not None:
             c_mean, c_std = _moments(c)
@@ -580,7 +585,6 @@ class ConditionalFlow:
 
 
 _ROTATION_KEY = "whitening.rotation"
-WHITENING_FLOOR = 1e-3
 
 
 def _fm_loss(net: VelocityNet, x1: torch.Tensor, c: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor,
