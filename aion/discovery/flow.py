@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from aion.files import replace_directory
+
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -545,13 +547,7 @@ class ConditionalFlow:
             if self.x_rotation is not None:
                 tensors[_ROTATION_KEY] = torch.from_numpy(self.x_rotation.copy())
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"kind": _KIND})
-            if directory.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-                os.replace(directory, old / "flow")
-                os.replace(tmp, directory)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, directory)
+            replace_directory(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
+from aion.files import replace_directory
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -113,15 +115,7 @@ class Tokenizer(ABC):
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"tokenizer_type": self.tokenizer_type})
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, directory)
+            replace_directory(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
