@@ -103,16 +103,12 @@ def probe_predictions(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarr
     return {name: _probe(name, seed).fit(x_train, y_train).predict(x_test) for name in PROBES}
 
 
-def paired_bootstrap_r2_gain(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, n: int, seed: int
-                             ) -> tuple[float, float]:
-    """95% interval of R^2(b) - R^2(a) over objects resampled with replacement (same resample for both)."""
-    rng = np.random.default_rng(seed)
-    gains = np.empty(n)
-    for i in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        gains[i] = _r2(y[idx], pred_b[idx]) - _r2(y[idx], pred_a[idx])
-    lo, hi = np.nanpercentile(gains, [2.5, 97.5])
-    return float(lo), float(hi)
+def _r2_gain_interval(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, draws: int, seed: int
+                      ) -> tuple[float, float]:
+    """95% paired-bootstrap interval of R^2(b) - R^2(a) over the same resampled objects."""
+    from aion.evaluation.metrics import paired_bootstrap
+
+    return paired_bootstrap(lambda r: _r2(y[r], pred_b[r]) - _r2(y[r], pred_a[r]), len(y), draws, seed)
 
 
 # ----------------------------------------------------------------------------- the measurement
@@ -195,8 +191,8 @@ def run_discovery_eval(embeddings: PathLike, truth: PathLike, out: PathLike,
         for s in spaces:
             if s == "raw":
                 continue
-            keep[target][s] = {p: list(paired_bootstrap_r2_gain(y, preds[target]["raw"][p], preds[target][s][p],
-                                                                 cfg.bootstrap, cfg.seed)) for p in PROBES}
+            keep[target][s] = {p: list(_r2_gain_interval(y, preds[target]["raw"][p], preds[target][s][p],
+                                                         cfg.bootstrap, cfg.seed)) for p in PROBES}
     metrics["hidden_gain_ci95"] = keep
 
     # --- outliers: the rare population
@@ -320,16 +316,10 @@ def plot_summary(metrics: dict[str, Any], cfg: DiscoveryEvalConfig, path: Path) 
     return path
 
 
-def render_report(metrics: dict[str, Any], cfg: DiscoveryEvalConfig, figure: str) -> str:
-    spaces = list(metrics["probe_r2"][cfg.conditions[0]])
-    lines = ["# Discovery tools on the mock universe", "",
-             f"{metrics['n_objects']} embedded objects ({metrics['dropped_rows']} rows without an embedding left "
-             f"out), {metrics['dim']}-dim. The residual flow is conditioned on {', '.join(cfg.conditions)} and "
-             f"fitted on all of them (as `aion residualize` does); probes train on {metrics['n_train']} and are "
-             f"scored on the other {metrics['n_test']}. Flow loss: train {metrics['flow']['final_loss']:.3f}, "
-             f"validation {metrics['flow']['final_val_loss']:.3f}. {metrics['seconds']:.0f} s.", "",
-             f"![summary]({figure})", "", "## Verdicts", "", "| claim | rule | result | met |", "|---|---|---|---|"]
-    for name, v in metrics["verdicts"].items():
+def verdict_table(verdicts: dict[str, Any]) -> list[str]:
+    """Markdown rows (with header) of the verdicts: claim, the rule that decides it, the numbers, met."""
+    lines = ["| claim | rule | result | met |", "|---|---|---|---|"]
+    for name, v in verdicts.items():
         if "worst_r2" in v:
             result = f"worst R^2 {v['worst_r2']:.3f}"
         elif "per_property" in v:
@@ -339,6 +329,18 @@ def render_report(metrics: dict[str, Any], cfg: DiscoveryEvalConfig, figure: str
         else:
             result = f"raw {v['raw']:.3f} -> residual {v['residual']:.3f}"
         lines.append(f"| {name} | {v['rule']} | {result} | {'yes' if v['met'] else 'NO'} |")
+    return lines
+
+
+def render_report(metrics: dict[str, Any], cfg: DiscoveryEvalConfig, figure: str) -> str:
+    spaces = list(metrics["probe_r2"][cfg.conditions[0]])
+    lines = ["# Discovery tools on the mock universe", "",
+             f"{metrics['n_objects']} embedded objects ({metrics['dropped_rows']} rows without an embedding left "
+             f"out), {metrics['dim']}-dim. The residual flow is conditioned on {', '.join(cfg.conditions)} and "
+             f"fitted on all of them (as `aion residualize` does); probes train on {metrics['n_train']} and are "
+             f"scored on the other {metrics['n_test']}. Flow loss: train {metrics['flow']['final_loss']:.3f}, "
+             f"validation {metrics['flow']['final_val_loss']:.3f}. {metrics['seconds']:.0f} s.", "",
+             f"![summary]({figure})", "", "## Verdicts", "", *verdict_table(metrics["verdicts"])]
     lines += ["", "## Probe R^2 on held-out objects", "", "| property | space | " + " | ".join(PROBES) + " |",
               "|---|---|" + "---|" * len(PROBES)]
     for target, by_space in metrics["probe_r2"].items():

@@ -183,12 +183,11 @@ def _check_config(cfg: MapConfig) -> None:
 
 
 def _catalogue_values(ids: np.ndarray, cfg: MapConfig, log: Callable[[str], None]) -> dict[str, np.ndarray]:
-    from aion.discovery.tables import join_columns, read_table
+    from aion.discovery.tables import join_table
 
     if not cfg.colors:
         return {}
-    values = join_columns(ids, cfg.catalogue, cfg.colors)  # unknown column: KeyError listing the table's
-    known = np.isin(ids, np.asarray(read_table(cfg.catalogue, ["object_id"])["object_id"]).astype(np.int64))
+    values, known = join_table(ids, cfg.catalogue, cfg.colors)  # unknown column: KeyError listing the table's
     if not known.any():
         raise ValueError(f"--catalogue: none of the {len(ids)} object ids is in {cfg.catalogue}; "
                          "is it the catalogue of these embeddings?")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from aion.discovery.flow import ConditionalFlow, FlowConfig
-from aion.discovery.tables import join_columns, load_embeddings, parse_columns, read_table, table_columns
+from aion.discovery.tables import join_table, load_embeddings, parse_columns, table_columns
 
 _TABLE_SUFFIXES = (".parquet", ".pq", ".fits.gz", ".fits", ".fit", ".fts")
 
@@ -62,9 +62,8 @@ def condition_matrix(ids: np.ndarray, catalogue: os.PathLike | str, conditions: 
         unknown = [n for n in names if n not in available]
         if unknown:
             raise ValueError(f"{flag} {','.join(unknown)}: not a column of {catalogue}; it has {sorted(available)}")
-    cols = join_columns(ids, catalogue, conditions, id_column=id_column)
-    cat_ids = np.asarray(read_table(catalogue, [id_column])[id_column]).astype(np.int64)
-    absent = ~np.isin(ids, cat_ids)
+    cols, found = join_table(ids, catalogue, conditions, id_column=id_column)
+    absent = ~found
     for name in conditions:
         bad = ~np.isfinite(cols[name])
         if bad.any():

@@ -114,9 +114,10 @@ def load_embeddings(path: PathLike, column: str = "embedding") -> Embeddings:
                       dropped=int((~ok).sum()))
 
 
-def join_columns(ids: np.ndarray, source: PathLike, columns: Sequence[str], *, id_column: str = "object_id",
-                 numeric: bool = True) -> dict[str, np.ndarray]:
-    """Catalogue ``columns`` for each of ``ids`` (in that order), joined on ``id_column``.
+def join_table(ids: np.ndarray, source: PathLike, columns: Sequence[str], *, id_column: str = "object_id",
+               numeric: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Catalogue ``columns`` for each of ``ids`` (in that order), joined on ``id_column``, and a boolean
+    mask of the ids the catalogue holds.
 
     An id absent from the catalogue gets NaN (numbers) or an empty string; callers decide whether
     that is allowed. ``numeric``: require one number per row (a vector column is an error).
@@ -141,7 +142,13 @@ def join_columns(ids: np.ndarray, source: PathLike, columns: Sequence[str], *, i
         else:
             vals = np.where(found, col[rows], np.zeros((), dtype=col.dtype)) if col.ndim == 1 else col[rows]
         out[name] = vals
-    return out
+    return out, found
+
+
+def join_columns(ids: np.ndarray, source: PathLike, columns: Sequence[str], *, id_column: str = "object_id",
+                 numeric: bool = True) -> dict[str, np.ndarray]:
+    """:func:`join_table` without the mask of found ids."""
+    return join_table(ids, source, columns, id_column=id_column, numeric=numeric)[0]
 
 
 def parse_columns(text: str | Sequence[str], what: str = "--condition") -> list[str]:

@@ -8,6 +8,8 @@ redshift targets the photo-z conventions on dz = (z_pred - z_true) / (1 + z_true
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 MAD_TO_SIGMA = 1.4826
@@ -61,3 +63,17 @@ def regression_metrics(y_pred: np.ndarray, y_true: np.ndarray, redshift: bool = 
         out["bias_dz"], out["nmad"] = robust_stats(dz)
         out["outlier_fraction"] = float(np.mean(np.abs(dz) > OUTLIER_DZ))
     return out
+
+
+def paired_bootstrap(score: Callable[[np.ndarray], float], n: int, draws: int = 2000, seed: int = 0
+                     ) -> tuple[float, float]:
+    """(2.5%, 97.5%) percentiles of ``score(rows)`` over resamples of ``n`` objects with replacement.
+
+    ``score`` compares two predictors on the same resampled objects (paired), so their shared
+    test-set luck cancels: "clearly better" means the whole 95% interval favours one of them.
+    Resamples where the score is undefined (NaN) are left out.
+    """
+    rng = np.random.default_rng(seed)
+    vals = np.array([score(rng.integers(0, n, n)) for _ in range(draws)])
+    vals = vals[np.isfinite(vals)]
+    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))

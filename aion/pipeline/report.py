@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from aion.evaluation.metrics import paired_bootstrap
 from aion.evaluation.report import save_figure, write_text_atomic
 
 if TYPE_CHECKING:
@@ -63,19 +63,6 @@ def _probe_rows(results: dict[str, Any], target: str) -> dict[str, dict[str, Any
 def _best(rows: dict[str, dict[str, Any]], family: str, key: str = "r2") -> tuple[str, dict[str, Any]] | None:
     cands = [(k, v) for k, v in rows.items() if v.get("family") == family and math.isfinite(v.get(key, math.nan))]
     return max(cands, key=lambda kv: kv[1][key]) if cands else None
-
-
-def paired_bootstrap(score: Callable[[np.ndarray], float], n: int, draws: int = 2000, seed: int = 0
-                     ) -> tuple[float, float]:
-    """(2.5%, 97.5%) percentiles of ``score(rows)`` over resamples of ``n`` objects with replacement.
-
-    ``score`` compares two predictors on the same resampled objects (paired), so their shared
-    test-set luck cancels: "clearly better" below means the whole 95% interval favours the model.
-    """
-    rng = np.random.default_rng(seed)
-    vals = np.array([score(rng.integers(0, n, n)) for _ in range(draws)])
-    vals = vals[np.isfinite(vals)]
-    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
 
 
 def _tag(input_set: str) -> str:
@@ -289,6 +276,8 @@ def write_report(pipe: Pipeline, manifest: dict[str, Any]) -> Path:
 
 def discovery_section(out: Path, figs: Path) -> list[str]:
     """The discovery stage's verdicts (read from its metrics.json) and its map, copied into ``figs``."""
+    from aion.discovery.evaluate import verdict_table
+
     metrics = _load_json(out / "discovery" / "eval" / "metrics.json")
     if not metrics:
         return []
@@ -296,17 +285,7 @@ def discovery_section(out: Path, figs: Path) -> list[str]:
              f"Embeddings of {metrics['n_objects']} held-out galaxies; residual embeddings conditioned on "
              f"{', '.join(metrics['config']['conditions'])} by flow matching; hidden properties and the rare "
              "population come from the mock's truth table, which no model or tool reads.", "",
-             "| claim | rule | result | met |", "|---|---|---|---|"]
-    for name, v in metrics["verdicts"].items():
-        if "worst_r2" in v:
-            result = f"worst probe R^2 {v['worst_r2']:.3f}"
-        elif "per_property" in v:
-            result = "; ".join(f"{t}: {p['best_raw_r2']:.2f} -> {p['best_residual_r2']:.2f}"
-                               + ("" if p.get("testable", True) else " (untested: raw R^2 ~ 0)")
-                               for t, p in v["per_property"].items())
-        else:
-            result = f"AUROC {v['raw']:.3f} -> {v['residual']:.3f}"
-        lines.append(f"| {name} | {v['rule']} | {result} | {'yes' if v['met'] else 'no'} |")
+             *verdict_table(metrics["verdicts"])]
     lines.append("")
     for src, name in ((out / "discovery" / "eval" / "discovery.png", "discovery_summary.png"),
                       (out / "discovery" / "map" / "map_Z.png", "discovery_map_Z.png"),
