@@ -96,6 +96,21 @@ def test_predict_writes_summaries(setup, suffix):
     assert got["error"][BAD] and got["error"][0] == ""
 
 
+def test_predict_temperature_changes_the_posterior_not_the_mode(setup):
+    tmp, common, _ = setup
+    plain, warm = tmp / "t1.parquet", tmp / "t3.parquet"
+    assert main(["predict", *common, "--target", T, "--out", str(plain)]) == 0
+    assert main(["predict", *common, "--target", T, "--out", str(warm), "--temperature", "3"]) == 0
+    a, b = _read(plain), _read(warm)
+    good = np.arange(N) != BAD
+    np.testing.assert_array_equal(a["mode"][good], b["mode"][good])
+    assert (np.abs(a["p16"] - b["p16"])[good] > 1e-9).all()  # the widths are in test_calibration / test_zeroshot
+    assert np.isnan(b["median"][BAD]) and b["error"][BAD]
+    assert pq.read_schema(warm).metadata[b"aion_posterior_temperature"] == b"3.0"
+    with pytest.raises(SystemExit, match="--temperature must be a finite number > 0"):
+        main(["predict", *common, "--target", T, "--out", str(tmp / "t0.parquet"), "--temperature", "0"])
+
+
 def test_unknown_column_mapping_is_a_clear_error(setup):
     tmp, common, _ = setup
     out = tmp / "x.parquet"

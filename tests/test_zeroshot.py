@@ -408,3 +408,51 @@ def test_zeroshot_cli(e2e, capsys):
     assert not list(out.glob("*.png"))
     with pytest.raises(SystemExit, match="--gen-steps must be >= 1"):
         main([*args, "--gen-steps", "0"])
+
+
+def test_tempered_prediction_keeps_the_mode_and_scales_the_width(e2e):
+    from aion.inference import AionModel
+
+    am = AionModel.from_pretrained(e2e["model"], e2e["tokenizers"])
+    _, objects = next(iter(iter_objects(e2e["held"], SURVEYS, batch_size=64,
+                                        modalities=[f"legacysurvey_flux_{b}" for b in LEGACY_BANDS])))
+    pred = am.predict_scalar(*am.tokenize(objects), "desi_z")
+    assert pred.refined is not None and pred.temperature == 1.0
+    same = pred.tempered(1.0)
+    for name in ("mean", "median", "p16", "p84", "p2_5", "p97_5"):
+        np.testing.assert_allclose(getattr(same.estimates, name), getattr(pred.estimates, name), rtol=1e-9)
+        np.testing.assert_allclose(getattr(same.refined, name), getattr(pred.refined, name), rtol=1e-9)
+    wide, narrow = pred.tempered(3.0), pred.tempered(0.3)
+    assert wide.temperature == 3.0 and pred.tempered(2.0).tempered(1.5).temperature == pytest.approx(3.0)
+    np.testing.assert_allclose(pred.tempered(2.0).tempered(1.5).probs, wide.probs, rtol=1e-9)
+    def entropy(p):
+        return -(p.probs * np.log(np.maximum(p.probs, 1e-300))).sum(axis=1)
+
+    # T > 1 always raises the entropy, T < 1 lowers it (interval widths need not follow for a multimodal PDF)
+    assert (entropy(wide) > entropy(pred)).all() and (entropy(narrow) < entropy(pred)).all()
+    for p in (wide, narrow):
+        np.testing.assert_array_equal(p.estimates.mode, pred.estimates.mode)
+        np.testing.assert_array_equal(p.refined.mode, pred.refined.mode)
+        np.testing.assert_array_equal(p.probs.argmax(axis=1), pred.probs.argmax(axis=1))
+    with pytest.raises(ValueError, match="temperature"):
+        pred.tempered(0.0)
+
+
+def test_zeroshot_calibration_rows(e2e, e2e_run):
+    _, plain = e2e_run
+    out = e2e["tmp"] / "out_cal"
+    m = evaluate_zeroshot(e2e["model"], e2e["tokenizers"], e2e["held"], e2e["train"], out,
+                          _cfg(plots=False, calibration_data=str(e2e["train"])), progress=False)
+    fits = m["calibration"]["fits"]
+    assert set(fits) == {"photometry", "photometry+image"}
+    for set_name, fit in fits.items():
+        assert fit["n"] == e2e["n_train"] and fit["temperature"] > 0
+        row = m["redshift"][f"foundation model, {set_name}, temperature-calibrated"]
+        assert row["temperature"] == fit["temperature"] and row["n"] == e2e["n_held"]
+        assert 0 <= row["coverage_68"] <= 1 and sum(row["pit"]["counts"]) == e2e["n_held"]
+        # the uncalibrated rows are what they were without calibration
+        assert m["redshift"][f"foundation model, {set_name}"] == plain["redshift"][f"foundation model, {set_name}"]
+    assert "Temperature-calibrated rows" in (out / "report.md").read_text()
+    with pytest.raises(ValueError, match="calibration_data"):
+        evaluate_zeroshot(e2e["model"], e2e["tokenizers"], e2e["held"], e2e["train"], out,
+                          _cfg(plots=False, calibration_data=str(e2e["tmp"] / "missing")), progress=False)

@@ -22,9 +22,14 @@ def add_zeroshot_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--max-objects", type=int, default=None, help="held-out objects with a redshift (default all)")
     p.add_argument("--max-inputs", type=int, default=None, help="encoder token budget (default: all tokens)")
+    p.add_argument("--calibration-data", type=Path, default=None,
+                   help="MMU root of labelled objects in neither the pretraining nor the held-out data: fit one "
+                        "redshift temperature per input set there and report temperature-calibrated rows too")
+    p.add_argument("--calibration-max-objects", type=int, default=None,
+                   help="labelled objects of --calibration-data to use (default all)")
     p.add_argument("--gen-steps", type=int, default=8)
     p.add_argument("--gen-samples", type=int, default=4)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="spectrum sampling temperature")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--coarse", action="store_true", help="use the coarse redshift token only (no fine refinement)")
     p.add_argument("--no-plots", action="store_true")
@@ -36,12 +41,15 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     from aion.evaluation.zeroshot import ZeroShotConfig, evaluate_zeroshot
 
     for flag, value in (("--max-objects", args.max_objects), ("--max-inputs", args.max_inputs),
-                        ("--gen-steps", args.gen_steps), ("--gen-samples", args.gen_samples)):
+                        ("--gen-steps", args.gen_steps), ("--gen-samples", args.gen_samples),
+                        ("--calibration-max-objects", args.calibration_max_objects)):
         if value is not None and value < 1:
             raise SystemExit(f"error: {flag} must be >= 1, got {value}")
     cfg = ZeroShotConfig(max_objects=args.max_objects, max_inputs=args.max_inputs, gen_steps=args.gen_steps,
                          gen_samples=args.gen_samples, temperature=args.temperature, seed=args.seed,
-                         refined=not args.coarse, plots=not args.no_plots)
+                         refined=not args.coarse, plots=not args.no_plots,
+                         calibration_data=None if args.calibration_data is None else str(args.calibration_data),
+                         calibration_max_objects=args.calibration_max_objects)
     try:
         evaluate_zeroshot(args.model, args.tokenizers, args.data, args.train_data, args.out, cfg,
                                     progress=not args.quiet)

@@ -9,7 +9,8 @@ from aion.inference.model import (
     Tokenized,
     mask_schedule,
     select_inputs,
+    temper_probs,
 )
 
 __all__ = ["AionModel", "EmbeddingResult", "GenerationResult", "ScalarEstimates", "ScalarPrediction", "Tokenized",
-           "mask_schedule", "select_inputs"]
+           "mask_schedule", "select_inputs", "temper_probs"]

@@ -35,6 +35,7 @@ Rules shared by every method (they are what makes the outputs trustworthy):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -163,6 +164,10 @@ class ScalarPrediction:
     """(K + 1,) the same edges in the tokenizer's transformed space (None if the target is unknown)."""
     transform: tuple[str, float] = ("none", 1.0)
     """The tokenizer's (transform, scale)."""
+    centers: np.ndarray | None = None
+    """(K,) the bins' representative values in physical units (what ``mean`` and ``mode`` use)."""
+    temperature: float = 1.0
+    """The temperature the coarse probabilities were divided by (:meth:`tempered`); 1 as predicted."""
 
     # Convenience views of the coarse estimates.
     @property
@@ -200,6 +205,26 @@ class ScalarPrediction:
             probs, edges = self.probs, self.edges_transformed
         return _cdf(probs, edges, u)
 
+    def tempered(self, temperature: float) -> ScalarPrediction:
+        """The same posterior with the coarse logits divided by ``temperature`` (``probs ** (1 / T)``,
+        renormalised): T > 1 widens, T < 1 sharpens. The most probable bin does not move, so the modes
+        and the fine-token distribution inside that bin are kept. Fit T on labelled objects with
+        :func:`aion.inference.calibration.fit_temperature`; tempering twice multiplies the temperatures."""
+        t = float(temperature)
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+        if self.centers is None or self.edges_transformed is None:
+            raise ValueError(f"{self.modality}: this prediction has no bins to temper (see its errors)")
+        probs = temper_probs(self.probs, t)
+        est = _estimates(probs, self.edges_transformed, self.centers, self.transform, self.coarse_token)
+        est.mode = self.estimates.mode.copy()
+        refined = None
+        if self.refined is not None and self.fine_probs is not None:
+            refined = _refined_estimates(None, probs, self.fine_probs, self.coarse_token, self.edges_transformed,
+                                         self.centers, self.transform, mode=self.refined.mode)
+        return dataclasses.replace(self, probs=probs, estimates=est, refined=refined,
+                                   temperature=self.temperature * t)
+
     def log_prob_of(self, values: np.ndarray) -> np.ndarray:
         """log of the probability of the bin containing each value (e.g. the truth), (B,)."""
         k = np.clip(np.searchsorted(self.edges, np.asarray(values, dtype=float), side="right") - 1,
@@ -228,6 +253,21 @@ class GenerationResult:
 
 
 # ---------------------------------------------------------------------------- helpers
+def temper_probs(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Rows of ``probs`` raised to ``1 / temperature`` and renormalised (the softmax of logits / T),
+    in log space; rows with NaN (objects in error) stay NaN, zero-probability bins stay zero."""
+    probs = np.asarray(probs, dtype=np.float64)
+    out = np.full(probs.shape, np.nan)
+    ok = np.isfinite(probs).all(axis=1) if probs.ndim == 2 and probs.shape[1] else np.zeros(len(probs), bool)
+    if ok.any():
+        with np.errstate(divide="ignore"):
+            logp = np.log(probs[ok]) / float(temperature)
+        logp -= logp.max(axis=1, keepdims=True)
+        e = np.exp(logp)
+        out[ok] = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
 def select_inputs(available: Mapping[str, int], limit: int | None, seed: int = 0) -> dict[str, np.ndarray]:
     """Positions to read per modality when at most ``limit`` tokens fit (all of them if they fit).
 
@@ -670,7 +710,7 @@ class AionModel:
                                 estimates=est, refined=refined, fine_probs=fine_probs, coarse_token=coarse,
                                 tokens_used=inp.used, tokens_available=inp.available, subsampled=inp.subsampled,
                                 errors=dict(sorted(inp.errors.items())), edges_transformed=edges_u,
-                                transform=transform)
+                                transform=transform, centers=centers)
 
     # ------------------------------------------------------------------ generation
     def allowed_tokens(self, modality: str) -> Tensor:
@@ -823,12 +863,14 @@ def _estimates(probs: np.ndarray, edges_u: np.ndarray, centers: np.ndarray, tran
     return ScalarEstimates(mean=mean, median=q[0], mode=mode, p16=q[1], p84=q[2], p2_5=q[3], p97_5=q[4])
 
 
-def _refined_estimates(tok: ScalarTokenizer, probs: np.ndarray, fine_probs: np.ndarray, coarse: np.ndarray,
-                       edges_u: np.ndarray, centers: np.ndarray, transform: tuple[str, float]) -> ScalarEstimates:
+def _refined_estimates(tok: ScalarTokenizer | None, probs: np.ndarray, fine_probs: np.ndarray, coarse: np.ndarray,
+                       edges_u: np.ndarray, centers: np.ndarray, transform: tuple[str, float],
+                       mode: np.ndarray | None = None) -> ScalarEstimates:
     """Estimates from the histogram with the most probable bin split into the fine sub-bins.
 
     Outside that bin nothing changes; inside it the fine distribution replaces the flat one
     (sub-bins equal in the transformed space, represented by their centres, as ``decode`` does).
+    ``mode``: already known (B,) modes (then ``tok`` is not needed to decode them).
     """
     n = probs.shape[0]
     f = fine_probs.shape[1]
@@ -844,9 +886,12 @@ def _refined_estimates(tok: ScalarTokenizer, probs: np.ndarray, fine_probs: np.n
     q = _inverse_np(_quantiles(new_probs, new_edges, [0.5, 0.16, 0.84, 0.025, 0.975]), *transform)
     p_c = probs[idx, c]
     mean = probs[idx] @ centers - p_c * centers[c] + p_c * (fine_probs[idx] * sub_values).sum(axis=1)
-    best = fine_probs[idx].argmax(axis=1)
-    mode = tok.decode(torch.from_numpy(np.stack([c, tok.binning.n_bins + best], axis=1))).values
-    for name, value in (("mean", mean), ("median", q[0]), ("mode", mode), ("p16", q[1]), ("p84", q[2]),
+    if mode is None:
+        best = fine_probs[idx].argmax(axis=1)
+        mode_ok = tok.decode(torch.from_numpy(np.stack([c, tok.binning.n_bins + best], axis=1))).values
+    else:
+        mode_ok = np.asarray(mode)[idx]
+    for name, value in (("mean", mean), ("median", q[0]), ("mode", mode_ok), ("p16", q[1]), ("p84", q[2]),
                         ("p2_5", q[3]), ("p97_5", q[4])):
         out[name][idx] = value
     return ScalarEstimates(**out)
