@@ -9,7 +9,7 @@ import pytest
 from aion.inference import temper_probs
 from aion.inference.calibration import fit_temperature
 
-EDGES = np.linspace(0.0, 2.0, 1001)
+EDGES = np.linspace(0.0, 2.0, 401)
 CENTRES = 0.5 * (EDGES[1:] + EDGES[:-1])
 
 
@@ -24,17 +24,35 @@ def gaussian_posteriors(n: int, truth_sigma: float, model_sigma: float, seed: in
     return p / p.sum(axis=1, keepdims=True), truth
 
 
+@pytest.mark.parametrize("objective", ["coverage", "nll"])
 @pytest.mark.parametrize("model_sigma, expected", [(0.025, 4.0), (0.05, 1.0), (0.1, 0.25)],
                          ids=["overconfident", "calibrated", "underconfident"])
-def test_fit_recovers_the_known_temperature(model_sigma, expected):
-    p, truth = gaussian_posteriors(4000, truth_sigma=0.05, model_sigma=model_sigma)
-    fit = fit_temperature(p, EDGES, truth)
-    assert fit.temperature == pytest.approx(expected, rel=0.08)
-    assert fit.n == 4000 and not fit.at_bound
-    assert fit.nll_after <= fit.nll_before + 1e-9
+def test_fit_recovers_the_known_temperature(model_sigma, expected, objective):
+    p, truth = gaussian_posteriors(2000, truth_sigma=0.05, model_sigma=model_sigma)
+    fit = fit_temperature(p, EDGES, truth, objective=objective)
+    assert fit.temperature == pytest.approx(expected, rel=0.08 if objective == "nll" else 0.15)
+    assert fit.n == 2000 and not fit.at_bound and fit.objective == objective
+    if objective == "nll":
+        assert fit.nll_after <= fit.nll_before + 1e-9
     assert abs(fit.coverage_68_after - 0.68) < 0.03 and abs(fit.coverage_95_after - 0.95) < 0.02
     if expected != 1.0:  # miscalibrated before, by a lot
         assert abs(fit.coverage_68_before - 0.68) > 0.15
+
+
+def test_coverage_objective_beats_the_likelihood_on_coverage_when_the_shape_is_wrong():
+    """Gaussian posteriors, but 12% of truths are far outliers: the likelihood widens everything to
+    pay for them, overshooting the 68% interval; the coverage objective balances both intervals."""
+    p, truth = gaussian_posteriors(2000, truth_sigma=0.05, model_sigma=0.05, seed=3)
+    far = np.random.default_rng(4).random(truth.size) < 0.12
+    truth[far] = np.random.default_rng(5).uniform(0.2, 1.8, far.sum())
+    by = {o: fit_temperature(p, EDGES, truth, objective=o) for o in ("coverage", "nll")}
+
+    def worst(f):
+        return max(abs(f.coverage_68_after - 0.68), abs(f.coverage_95_after - 0.95))
+
+    assert by["nll"].temperature > 1.5 and by["nll"].coverage_68_after > 0.75
+    assert worst(by["coverage"]) < worst(by["nll"]) - 0.02
+    assert by["coverage"].nll_after >= by["nll"].nll_after - 1e-9  # the likelihood's own optimum
 
 
 def test_temper_probs():
@@ -63,5 +81,7 @@ def test_fit_errors_name_the_field():
     truth[5:] = np.nan  # unlabelled objects are left out, not an error unless too few remain
     with pytest.raises(ValueError, match="5 labelled objects"):
         fit_temperature(p, EDGES, truth)
+    with pytest.raises(ValueError, match="objective"):
+        fit_temperature(p, EDGES, np.full(50, 1.0), objective="brier")
     with pytest.raises(ValueError, match="bounds"):
         fit_temperature(p, EDGES, np.full(50, 1.0), bounds=(2.0, 3.0))

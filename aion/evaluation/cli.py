@@ -27,6 +27,8 @@ def add_zeroshot_parser(sub) -> None:
                         "redshift temperature per input set there and report temperature-calibrated rows too")
     p.add_argument("--calibration-max-objects", type=int, default=None,
                    help="labelled objects of --calibration-data to use (default all)")
+    p.add_argument("--calibration-objective", choices=("coverage", "nll"), default="coverage",
+                   help="coverage: match the 68%% and 95%% intervals' coverage; nll: maximum likelihood")
     p.add_argument("--gen-steps", type=int, default=8)
     p.add_argument("--gen-samples", type=int, default=4)
     p.add_argument("--temperature", type=float, default=1.0, help="spectrum sampling temperature")
@@ -49,7 +51,8 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
                          gen_samples=args.gen_samples, temperature=args.temperature, seed=args.seed,
                          refined=not args.coarse, plots=not args.no_plots,
                          calibration_data=None if args.calibration_data is None else str(args.calibration_data),
-                         calibration_max_objects=args.calibration_max_objects)
+                         calibration_max_objects=args.calibration_max_objects,
+                         calibration_objective=args.calibration_objective)
     try:
         evaluate_zeroshot(args.model, args.tokenizers, args.data, args.train_data, args.out, cfg,
                                     progress=not args.quiet)

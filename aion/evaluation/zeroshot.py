@@ -16,7 +16,7 @@ What ``aion zeroshot`` measures (numbers in ``metrics.json``, a summary in ``rep
   to the trees), hyper-parameters picked on a validation split by NMAD, quantile models for its
   intervals.
 - Optionally the same redshift rows **temperature-calibrated** (``calibration_data``): one
-  temperature per input set fitted by maximum likelihood on the labelled objects of another data
+  temperature per input set fitted (coverage or likelihood) on the labelled objects of another data
   root that neither pretraining nor the held-out set contains (:mod:`aion.inference.calibration`),
   reported beside the uncalibrated zero-shot rows with the number of labels it used.
 - **Spectrum generation** (target ``desi_spectrum``) from photometry + images: MaskGIT sampling,
@@ -78,6 +78,8 @@ class ZeroShotConfig:
     """An MMU root of labelled objects seen neither in pretraining nor in ``data``: fit one redshift
     temperature per input set there and report calibrated rows too (None: no calibration)."""
     calibration_max_objects: int | None = None
+    calibration_objective: str = "coverage"
+    """``"coverage"`` or ``"nll"``: see :mod:`aion.inference.calibration`."""
     seed: int = 0
     batch_size: int = 128
     knn: tuple[int, ...] = (1, 10)
@@ -526,7 +528,8 @@ def _fit_temperatures(am, cfg: ZeroShotConfig, sets: dict[str, tuple[str, ...]],
     if not truths:
         raise ValueError(f"calibration_data: no object of {root} has {cfg.redshift_target!r}")
     z = np.concatenate(truths)
-    fits = {k: fit_temperature(np.concatenate(v), edges[k], z) for k, v in probs.items()}
+    fits = {k: fit_temperature(np.concatenate(v), edges[k], z, objective=cfg.calibration_objective)
+            for k, v in probs.items()}
     for k, f in fits.items():
         log.info("calibration (%s): T = %.3f from %d labelled objects%s", k, f.temperature, f.n,
                  " (at the search bound: distrust it)" if f.at_bound else "")
@@ -614,7 +617,8 @@ def render_report(m: dict[str, Any], plots: bool = True) -> str:
         n = max(f["n"] for f in fits.values())
         temps = ", ".join(f"{k} T = {f['temperature']:.2f}" for k, f in fits.items())
         lines += ["", f"Temperature-calibrated rows: the coarse redshift logits divided by one temperature per "
-                      f"input set ({temps}), fitted by maximum likelihood on {n} labelled objects of "
+                      f"input set ({temps}), fitted ({next(iter(fits.values()))['objective']} objective, "
+                      f"aion.inference.calibration) on {n} labelled objects of "
                       f"`{m['calibration']['data']}` (neither pretraining nor held-out data). The other "
                       f"foundation-model rows use no label at all."]
     if "spectrum_generation" in m:

@@ -4,9 +4,16 @@ A pretrained model's posteriors can be too wide or too narrow overall, and which
 on the model: on the same held-out redshifts the 40-minute CPU model's 68% intervals held 86% of
 the truths, a GPU-trained model of the same size 55%. One temperature per target and input set
 (the coarse logits divided by T, :meth:`ScalarPrediction.tempered`) fixes the overall width
-without moving the most probable value. It is fitted by maximum likelihood of the truths' bins
-on labelled objects the model never trained on, so it needs a few hundred labels rather than a
-training set; the uncalibrated zero-shot numbers stay what they are and are reported beside.
+without moving the most probable value. It is fitted on labelled objects the model never
+trained on, so it needs a few hundred labels rather than a training set; the uncalibrated
+zero-shot numbers stay what they are and are reported beside.
+
+Two objectives. ``"coverage"`` (the default) picks the T whose central 68% and 95% intervals
+hold closest to 68% and 95% of the truths (the worse of the two deviations is minimised): what
+a user reading error bars needs. ``"nll"`` maximises the likelihood of the truths' bins, the
+textbook choice; one temperature cannot fix a PDF's shape, and when the tails are too light
+the likelihood widens the core too (measured on the GPU mini model's photometry-only
+redshifts: 68% coverage 0.71 -> 0.77 on the calibration objects, where ``"coverage"`` keeps it).
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ PROB_FLOOR = 1e-300
 underflowed to zero cannot make every temperature infinitely bad. Only underflow: a larger floor
 (say 1e-12) lifts the far tails and biases T low (measured: 3.5 instead of 4 on a Gaussian toy)."""
 MIN_OBJECTS = 20
+OBJECTIVES = ("coverage", "nll")
+GRID_POINTS = 241
+"""Temperatures tried (log-spaced over the bounds, ~2.5% apart) by the coverage objective, which is
+a step function of T and so is searched, not optimised."""
 
 
 @dataclass
@@ -37,6 +48,7 @@ class TemperatureFit:
     nll_before: float
     """Mean negative log-probability of the truths' bins at T = 1 (nats)."""
     nll_after: float
+    objective: str
     coverage_68_before: float
     coverage_68_after: float
     coverage_95_before: float
@@ -48,26 +60,31 @@ class TemperatureFit:
         return asdict(self)
 
 
-def _central_coverage(probs: np.ndarray, k: np.ndarray, level: float) -> np.ndarray:
-    """Whether bin ``k`` lies in the central ``level`` interval of each row (on whole bins: the bins
-    whose CDF range overlaps [(1-level)/2, (1+level)/2])."""
-    cdf = np.cumsum(probs, axis=1)
-    lo, hi = (1 - level) / 2, (1 + level) / 2
+def _pit(probs: np.ndarray, k: np.ndarray, frac: np.ndarray) -> np.ndarray:
+    """CDF at the truth: the mass below its bin plus the bin's mass times the truth's place in it
+    (linear inside a bin, as the model's quantiles are)."""
     rows = np.arange(len(k))
-    above_lo = cdf[rows, k] >= lo
-    below_hi = (cdf[rows, k] - probs[rows, k]) <= hi
-    return above_lo & below_hi
+    below = np.cumsum(probs, axis=1)[rows, k] - probs[rows, k]
+    return below + probs[rows, k] * frac
+
+
+def _coverages(pit: np.ndarray) -> tuple[float, float]:
+    """Shares of truths inside the central 68% and 95% intervals."""
+    d = np.abs(pit - 0.5)
+    return float(np.mean(d <= 0.34)), float(np.mean(d <= 0.475))
 
 
 def fit_temperature(probs: np.ndarray, edges: np.ndarray, truth: np.ndarray,
-                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> TemperatureFit:
-    """The temperature maximising the probability of the truths' bins.
+                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS, objective: str = "coverage") -> TemperatureFit:
+    """The temperature that calibrates ``probs`` against ``truth`` (see the module doc for ``objective``).
 
     ``probs`` (N, K) posteriors over bins with physical ``edges`` (K + 1,) (as in
     :class:`ScalarPrediction`); ``truth`` (N,). Rows with a NaN posterior or a non-finite truth
-    are left out; truths outside the edges count in the edge bins. Coverages are on whole bins
-    (a truth's bin inside the central interval), before and after.
+    are left out; truths outside the edges count at the end of the edge bins. Coverages use the
+    CDF at the truth, linear inside a bin.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
     probs = np.asarray(probs, dtype=np.float64)
     truth = np.asarray(truth, dtype=np.float64)
     edges = np.asarray(edges, dtype=np.float64)
@@ -85,6 +102,7 @@ def fit_temperature(probs: np.ndarray, edges: np.ndarray, truth: np.ndarray,
                          f"{MIN_OBJECTS}")
     p = probs[use]
     k = np.clip(np.searchsorted(edges, truth[use], side="right") - 1, 0, p.shape[1] - 1)
+    frac = np.clip((truth[use] - edges[k]) / np.maximum(edges[k + 1] - edges[k], 1e-300), 0.0, 1.0)
     logp = np.log(np.maximum(p, PROB_FLOOR))
     rows = np.arange(n)
 
@@ -94,23 +112,32 @@ def fit_temperature(probs: np.ndarray, edges: np.ndarray, truth: np.ndarray,
         lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
         return float(np.mean(lse - z[rows, k]))
 
-    res = minimize_scalar(nll, bounds=(np.log(lo_t), np.log(hi_t)), method="bounded",
-                          options={"xatol": 1e-4})
-    t = float(np.exp(res.x))
-    after = temper_probs(p, t)
+    def miss(t: float) -> float:
+        c68, c95 = _coverages(_pit(temper_probs(p, t), k, frac))
+        return max(abs(c68 - 0.68), abs(c95 - 0.95))
+
+    if objective == "nll":
+        res = minimize_scalar(nll, bounds=(np.log(lo_t), np.log(hi_t)), method="bounded", options={"xatol": 1e-4})
+        t = float(np.exp(res.x))
+    else:  # a step function of T: search a grid, ties to the temperature closest to 1
+        grid = np.exp(np.linspace(np.log(lo_t), np.log(hi_t), GRID_POINTS))
+        misses = np.array([miss(g) for g in grid])
+        best = np.flatnonzero(misses <= misses.min() + 1e-12)
+        t = float(grid[best[np.argmin(np.abs(np.log(grid[best])))]])
+    before = _coverages(_pit(p, k, frac))
+    after = _coverages(_pit(temper_probs(p, t), k, frac))
     return TemperatureFit(
-        temperature=t, n=n, nll_before=nll(0.0), nll_after=float(res.fun),
-        coverage_68_before=float(_central_coverage(p, k, 0.68).mean()),
-        coverage_68_after=float(_central_coverage(after, k, 0.68).mean()),
-        coverage_95_before=float(_central_coverage(p, k, 0.95).mean()),
-        coverage_95_after=float(_central_coverage(after, k, 0.95).mean()),
-        at_bound=bool(min(abs(np.log(t / lo_t)), abs(np.log(hi_t / t))) < 1e-2))
+        temperature=t, n=n, nll_before=nll(0.0), nll_after=nll(float(np.log(t))), objective=objective,
+        coverage_68_before=before[0], coverage_68_after=after[0],
+        coverage_95_before=before[1], coverage_95_after=after[1],
+        at_bound=bool(min(abs(np.log(t / lo_t)), abs(np.log(hi_t / t))) < 3e-2))
 
 
 def fit_prediction_temperature(pred: ScalarPrediction, truth: np.ndarray,
-                               bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> TemperatureFit:
+                               bounds: tuple[float, float] = TEMPERATURE_BOUNDS,
+                               objective: str = "coverage") -> TemperatureFit:
     """:func:`fit_temperature` on a :class:`ScalarPrediction` (objects in its errors are left out)."""
-    return fit_temperature(pred.probs, pred.edges, truth, bounds)
+    return fit_temperature(pred.probs, pred.edges, truth, bounds, objective)
 
 
-__all__ = ["TEMPERATURE_BOUNDS", "TemperatureFit", "fit_prediction_temperature", "fit_temperature"]
+__all__ = ["OBJECTIVES", "TEMPERATURE_BOUNDS", "TemperatureFit", "fit_prediction_temperature", "fit_temperature"]
