@@ -64,8 +64,13 @@ def main() -> None:
     overrides = {}
     for item in args.set:
         key, value = item.split("=", 1)
-        kind = type(getattr(FlowConfig(), key))
-        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        default = getattr(FlowConfig(), key)
+        if value.lower() == "none":
+            overrides[key] = None
+        elif isinstance(default, bool):
+            overrides[key] = value.lower() in ("1", "true", "yes")
+        else:  # an optional field (default None) takes an integer
+            overrides[key] = int(value) if default is None else type(default)(value)
     cfg = dataclasses.replace(FlowConfig(seed=args.seed), **overrides)
     print(f"{int(ok.sum())} objects x {x.shape[1]} dims, conditions {cond}, torch threads {torch.get_num_threads()}")
     print(f"config: {cfg}")

@@ -3,6 +3,7 @@ conditioning information on a toy with a known answer, exact log-densities, dete
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from scipy.linalg import expm
 from scipy.stats import multivariate_normal, spearmanr
+from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
@@ -181,6 +183,42 @@ def test_save_load_round_trip(tmp_path):
     (path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format_version"):
         ConditionalFlow.load(path)
+
+
+def test_components_keep_the_leading_directions_only(tmp_path):
+    """Two informative directions (one conditioned on, one hidden) among 20 low-variance noise dimensions:
+    with components=2 the residual is 2-dim, the hidden factor is read from it by a linear probe, the
+    condition is not, and the flow saves, loads and maps back into the span it kept."""
+    rng = np.random.default_rng(0)
+    n = 1500
+    cond, hidden = rng.standard_normal(n), rng.standard_normal(n)
+    mix = np.linalg.qr(rng.standard_normal((22, 22)))[0]  # the signal is spread over every input dimension
+    own = 0.5 * rng.standard_normal(n)  # the conditioned direction's own scatter: p(x | c) is not a point
+    x = (np.concatenate([np.stack([2 * cond + own, 1.5 * hidden], 1), 0.05 * rng.standard_normal((n, 20))], 1)
+         @ mix).astype(np.float32)
+    cfg = FlowConfig(hidden=64, depth=2, steps=600, batch_size=256, lr=3e-3, ode_steps=8, components=2)
+    flow = ConditionalFlow.fit(x, cond[:, None], cfg, progress=False, condition_names=["C"])
+    assert flow.dim == 22 and flow.latent_dim == 2
+    r = flow.to_base(x, cond[:, None])
+    assert r.shape == (n, 2)
+    ridge = RidgeCV(alphas=np.logspace(-3, 3, 7))
+    assert cross_val_score(ridge, r, hidden, cv=5, scoring="r2").mean() >= 0.9
+    assert cross_val_score(ridge, r, cond, cv=5, scoring="r2").mean() <= 0.1
+    back = flow.from_base(r, cond[:, None])
+    assert back.shape == x.shape
+    # what comes back is x without its noise dimensions: the error is the dropped noise, ~0.05 per dimension
+    assert np.sqrt(np.mean((back - x) ** 2)) < 0.1
+    loaded = ConditionalFlow.load(flow.save(tmp_path / "flow"))
+    assert loaded.latent_dim == 2 and np.array_equal(loaded.to_base(x[:50], cond[:50, None]), r[:50])
+    assert np.isfinite(loaded.log_prob(x[:10], cond[:10, None])).all()
+    with pytest.raises(ValueError, match="z: expected 2 dimensions"):
+        flow.from_base(x[:5], cond[:5, None])
+    with pytest.raises(ValueError, match="more than the 22 dimensions"):
+        ConditionalFlow.fit(x, cond[:, None], dataclasses.replace(cfg, components=30), progress=False)
+    with pytest.raises(ValueError, match="needs whiten"):
+        FlowConfig(components=2, whiten=False)
+    with pytest.raises(ValueError, match="components"):
+        FlowConfig(components=0)
 
 
 def test_fit_rejects_bad_input():

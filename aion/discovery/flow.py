@@ -102,6 +102,12 @@ class FlowConfig:
     """Eigenvalues below this share of the largest are raised to it, so near-empty directions are not blown up
     into unit-variance noise. On the quickstart embeddings 1e-6 kept less of the hidden AGN signal and 1e-2 let z
     leak back (``benchmarks/residualize_check.py --set whiten_floor=...``)."""
+    components: int | None = None
+    """Keep only this many leading principal components (whitened) and model them; the residual then has
+    ``components`` dimensions. None: all. Residuals are isotropic by construction, so in every direction
+    the flow keeps, noise weighs as much as signal: on a 128-dim embedding whose hidden signal lives in
+    a few leading directions, k-NN and ridge probes could no longer find it among 128 unit-variance
+    dimensions (docs/discovery.md). Needs ``whiten``."""
     chunk_size: int = 4096
     """Rows per inference chunk (log_prob uses a smaller one: its Jacobians are D times larger)."""
 
@@ -129,6 +135,11 @@ class FlowConfig:
             raise ValueError(f"FlowConfig.weight_decay: expected a number >= 0, got {self.weight_decay!r}")
         if not 0.0 < self.whiten_floor < 1.0:
             raise ValueError(f"FlowConfig.whiten_floor: expected a share in (0, 1), got {self.whiten_floor!r}")
+        if self.components is not None:
+            if isinstance(self.components, bool) or not isinstance(self.components, int) or self.components < 1:
+                raise ValueError(f"FlowConfig.components: expected None or an integer >= 1, got {self.components!r}")
+            if not self.whiten:
+                raise ValueError("FlowConfig.components needs whiten: true (the components are the whitening's)")
         if self.ode_method not in _METHODS:
             raise ValueError(f"FlowConfig.ode_method: expected one of {_METHODS}, got {self.ode_method!r}")
 
@@ -272,13 +283,17 @@ def _standardized(a: np.ndarray, mean: np.ndarray, std: np.ndarray, rotation: np
     return ((centred if rotation is None else centred @ rotation) / std).astype(np.float32)
 
 
-def _whitening(a: np.ndarray, mean: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
-    """(rotation (D, D), scale (D,)): the covariance's eigenvectors and the square roots of its eigenvalues,
-    floored at ``floor`` times the largest (:attr:`FlowConfig.whiten_floor`), accumulated over row blocks."""
+def _whitening(a: np.ndarray, mean: np.ndarray, floor: float,
+               components: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(rotation (D, K), scale (K,)): the covariance's eigenvectors and the square roots of its eigenvalues,
+    floored at ``floor`` times the largest (:attr:`FlowConfig.whiten_floor`), accumulated over row blocks;
+    all D of them, or the ``components`` largest."""
     cov = sum((a[i:i + _CHECK_ROWS] - mean).T @ (a[i:i + _CHECK_ROWS] - mean)
               for i in range(0, len(a), _CHECK_ROWS)) / len(a)
-    eigval, eigvec = np.linalg.eigh(np.asarray(cov, np.float64))
+    eigval, eigvec = np.linalg.eigh(np.asarray(cov, np.float64))  # ascending
     eigval = np.maximum(eigval, floor * eigval.max())
+    if components is not None:
+        eigval, eigvec = eigval[-components:], eigvec[:, -components:]
     return eigvec, np.sqrt(eigval)
 
 
@@ -300,6 +315,12 @@ class ConditionalFlow:
 
     @property
     def dim(self) -> int:
+        """Dimensions of the vectors the flow takes (the embeddings')."""
+        return int(self.x_mean.size)
+
+    @property
+    def latent_dim(self) -> int:
+        """Dimensions of the residuals (:attr:`FlowConfig.components`, else :attr:`dim`)."""
         return self.net.dim
 
     @property
@@ -341,8 +362,11 @@ class ConditionalFlow:
         if dead.size:
             raise ValueError(f"x: dimension(s) {dead[:10].tolist()} are constant over all objects; drop them first")
         x_rotation = None
+        if cfg.components is not None and cfg.components > dim:
+            raise ValueError(f"FlowConfig.components: {cfg.components} is more than the {dim} dimensions of x")
         if cfg.whiten:
-            x_rotation, x_std = _whitening(x, x_mean, cfg.whiten_floor)
+            x_rotation, x_std = _whitening(x, x_mean, cfg.whiten_floor, cfg.components)
+        latent = dim if cfg.components is None else cfg.components
         c_mean = c_std = None
         if c is not None:
             c_mean, c_std = _moments(c)
@@ -360,7 +384,7 @@ class ConditionalFlow:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            net = VelocityNet(dim, cond_dim, cfg.hidden, cfg.depth, cfg.time_freqs)
+            net = VelocityNet(latent, cond_dim, cfg.hidden, cfg.depth, cfg.time_freqs)
         net.to(device).train()
         ema = copy.deepcopy(net).eval() if cfg.ema_decay > 0 else net
         for p in ema.parameters():
@@ -378,7 +402,7 @@ class ConditionalFlow:
             rows = val_rows[:_VAL_EVAL_MAX]
             vgen = torch.Generator().manual_seed(cfg.seed + 1)
             val = (xs[rows].to(device), None if cs is None else cs[rows].to(device),
-                   torch.randn(len(rows), dim, generator=vgen).to(device),
+                   torch.randn(len(rows), latent, generator=vgen).to(device),
                    torch.rand(len(rows), generator=vgen).to(device))
         del xs, cs  # the device copies above are what training reads
 
@@ -392,7 +416,7 @@ class ConditionalFlow:
                 order, cursor = torch.randperm(n_train, generator=gen), 0
             idx = order[cursor:cursor + batch]
             cursor += batch
-            noise = torch.randn(batch, dim, generator=gen).to(device)
+            noise = torch.randn(batch, latent, generator=gen).to(device)
             t = torch.rand(batch, generator=gen).to(device)
             drop = (torch.rand(batch, generator=gen) < cfg.cond_dropout).to(device)
             x1 = x_train[idx.to(device)]
@@ -425,11 +449,13 @@ class ConditionalFlow:
         return cls(ema, cfg, x_mean, x_std, c_mean, c_std, names, history, x_rotation)
 
     # ------------------------------------------------------------------ inference
-    def _prep(self, x: np.ndarray, c: np.ndarray | None, guidance: float) -> tuple[np.ndarray, np.ndarray | None]:
-        """Checked ``x`` (as given) and standardized float32 ``c``."""
-        x = _as_matrix(x, "x")
-        if x.shape[1] != self.dim:
-            raise ValueError(f"x: expected {self.dim} dimensions (the flow's), got {x.shape[1]}")
+    def _prep(self, x: np.ndarray, c: np.ndarray | None, guidance: float,
+              latent: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Checked ``x`` (as given; residuals if ``latent``) and standardized float32 ``c``."""
+        x = _as_matrix(x, "z" if latent else "x")
+        width = self.latent_dim if latent else self.dim
+        if x.shape[1] != width:
+            raise ValueError(f"{'z' if latent else 'x'}: expected {width} dimensions (the flow's), got {x.shape[1]}")
         if not (isinstance(guidance, int | float) and math.isfinite(guidance) and guidance >= 0):
             raise ValueError(f"guidance: expected a number >= 0, got {guidance!r}")
         c = _as_matrix(c, "c", rows=x.shape[0])
@@ -458,7 +484,7 @@ class ConditionalFlow:
         """Integrate chunk by chunk; standardization happens per chunk too, so memory is one chunk plus the output."""
         steps = self.config.ode_steps if ode_steps is None else ode_steps
         t0, t1 = (1.0, 0.0) if to_base else (0.0, 1.0)
-        out = np.empty(x.shape, dtype=np.float32)
+        out = np.empty((len(x), self.latent_dim if to_base else self.dim), dtype=np.float32)
         dev = self.device
         with torch.no_grad():
             for a, b in self._chunks(len(x), self.config.chunk_size, "residuals" if to_base else "sampling", progress):
@@ -478,8 +504,9 @@ class ConditionalFlow:
 
     def from_base(self, z: np.ndarray, c: np.ndarray | None = None, guidance: float = 1.0,
                   ode_steps: int | None = None, progress: bool = False) -> np.ndarray:
-        """The inverse of :meth:`to_base`, in the original units: samples of ``p(x | c)`` from Gaussian ``z``."""
-        z, c = self._prep(z, c, guidance)
+        """The inverse of :meth:`to_base`, in the original units: samples of ``p(x | c)`` from Gaussian ``z``
+        (with :attr:`FlowConfig.components`, in the span of the kept components)."""
+        z, c = self._prep(z, c, guidance, latent=True)
         return self._transport(z, c, False, guidance, ode_steps, progress)
 
     def log_prob(self, x: np.ndarray, c: np.ndarray | None = None, guidance: float = 1.0, ode_steps: int | None = None,
@@ -491,7 +518,8 @@ class ConditionalFlow:
         the per-object Jacobian): exact so that scores are comparable across objects, affordable for D up
         to ~128 (cost: D Jacobian-vector products per solver stage; measured ~0.08 s of one CPU core per
         64-dim object at the default size and 32 RK4 steps, so use a GPU for large catalogues). Includes the
-        standardization's log-Jacobian ``-sum(log std)``.
+        standardization's log-Jacobian ``-sum(log std)``. With :attr:`FlowConfig.components`, the density of
+        the projection onto the kept components.
 
         ``probes``: estimate the divergence instead with that many Rademacher vectors per object (Hutchinson;
         fixed along each trajectory, seeded by ``seed`` and the row): D/probes times cheaper, unbiased, noisy.
@@ -502,7 +530,7 @@ class ConditionalFlow:
             raise ValueError(f"probes: expected None (exact divergence) or an integer >= 1, got {probes!r}")
         x, c = self._prep(x, c, guidance)
         steps = self.config.ode_steps if ode_steps is None else ode_steps
-        dim, dev = self.dim, self.device
+        dim, dev = self.latent_dim, self.device
         out = np.empty(len(x), dtype=np.float64)
         for a, b in self._chunks(len(x), int(chunk_size), "log-density", progress):
             xb = torch.from_numpy(_standardized(x[a:b], self.x_mean, self.x_std, self.x_rotation)).to(dev)
@@ -536,6 +564,7 @@ class ConditionalFlow:
         try:
             meta = {
                 "format_version": FORMAT_VERSION, "kind": _KIND, "config": asdict(self.config), "dim": self.dim,
+                "latent_dim": self.latent_dim,
                 "cond_dim": self.cond_dim, "condition_names": self.condition_names,
                 "x_mean": self.x_mean.tolist(), "x_std": self.x_std.tolist(),
                 "c_mean": None if self.c_mean is None else self.c_mean.tolist(),
@@ -568,7 +597,8 @@ class ConditionalFlow:
             raise ValueError(f"{cfg_path}: format_version {meta.get('format_version')!r}, this code reads "
                              f"{FORMAT_VERSION}")
         cfg = FlowConfig.from_dict(meta["config"])
-        net = VelocityNet(meta["dim"], meta["cond_dim"], cfg.hidden, cfg.depth, cfg.time_freqs)
+        net = VelocityNet(meta.get("latent_dim", meta["dim"]), meta["cond_dim"], cfg.hidden, cfg.depth,
+                          cfg.time_freqs)
         tensors = load_file(str(weights))
         rotation = tensors.pop(_ROTATION_KEY, None)
         net.load_state_dict(tensors, strict=True)
