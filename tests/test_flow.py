@@ -278,6 +278,14 @@ def test_cli_writes_residuals_and_reuses_the_flow(tables, capsys):
     assert "reused from" in capsys.readouterr().out
     np.testing.assert_array_equal(load_embeddings(again).vectors, res.vectors)
 
+    narrow = d / "narrow.parquet"
+    assert _run("--embeddings", str(d / "emb.parquet"), "--catalogue", str(d / "cat.parquet"), "--condition",
+                "Z,LOG_MSTAR", "--steps", "30", "--ode-steps", "4", "--components", "3", "--out", str(narrow)) == 0
+    assert load_embeddings(narrow).vectors.shape == (len(ids), 3)
+    with pytest.raises(SystemExit, match="--components is a training option"):
+        _run("--embeddings", str(d / "emb.parquet"), "--catalogue", str(d / "cat.parquet"), "--condition",
+             "Z,LOG_MSTAR", "--flow", str(d / "emb.residual.flow"), "--components", "3", "--out", str(narrow))
+
 
 def test_cli_errors_name_the_column(tables, tmp_path):
     d, ids, emb = tables

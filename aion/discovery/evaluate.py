@@ -387,6 +387,9 @@ def add_parser(sub) -> None:
     p.add_argument("--hidden", default="AGN_FRAC,BAR_FRAC", help="hidden continuous properties to probe")
     p.add_argument("--guidance", default="1", help="comma-separated guidance strengths (default 1)")
     p.add_argument("--flow-steps", type=int, default=None, help="flow training steps (default: FlowConfig's)")
+    p.add_argument("--flow-components", type=int, default=None,
+                   help="leading principal components the flow models (default: all; FlowConfig.components)")
+    p.add_argument("--flow-hidden", type=int, default=None, help="flow network width (default: FlowConfig's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_discovery_eval)
@@ -395,7 +398,8 @@ def add_parser(sub) -> None:
 def _cmd_discovery_eval(args) -> int:
     from aion.discovery.tables import parse_columns
 
-    flow = {} if args.flow_steps is None else {"steps": args.flow_steps}
+    flow = {k: v for k, v in (("steps", args.flow_steps), ("components", args.flow_components),
+                              ("hidden", args.flow_hidden)) if v is not None}
     try:
         guidance = tuple(float(g) for g in parse_columns(args.guidance, "--guidance"))
     except ValueError as err:

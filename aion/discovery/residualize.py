@@ -141,6 +141,9 @@ def add_parser(sub) -> None:
                    help="classifier-free guidance weight w in v_null + w (v_c - v_null); 1 = conditional flow")
     p.add_argument("--steps", type=int, default=None, help=f"training steps (default {FlowConfig.steps})")
     p.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
+    p.add_argument("--components", type=int, default=None,
+                   help="model only this many leading principal components; the residuals then have this many "
+                        "dimensions (default: all; try 16-32 for embeddings of 128 dimensions or more)")
     p.add_argument("--ode-steps", type=int, default=None, help=f"fixed RK4 steps (default {FlowConfig.ode_steps})")
     p.add_argument("--flow", type=Path, default=None, help="reuse this trained flow folder instead of fitting one")
     p.add_argument("--flow-out", type=Path, default=None,
@@ -157,8 +160,12 @@ def _cmd_residualize(args: argparse.Namespace) -> int:
         if args.ode_steps is not None and args.ode_steps < 1:
             raise ValueError(f"--ode-steps must be >= 1, got {args.ode_steps}")
         cfg = None
-        if args.steps is not None or args.seed is not None:
+        if args.steps is not None or args.seed is not None or args.components is not None:
             cfg = FlowConfig()
+            if args.components is not None:
+                if args.flow is not None:
+                    raise ValueError("--components is a training option; a reused --flow keeps its own")
+                cfg = dataclasses.replace(cfg, components=args.components)
             if args.steps is not None:
                 if args.steps < 1:
                     raise ValueError(f"--steps must be >= 1, got {args.steps}")
