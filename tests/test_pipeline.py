@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,10 @@ def test_sigint_mid_pretraining_resumes_and_caches(tmp_path, monkeypatch):
         path = original(self, step)
         if step == 4:  # a real SIGINT, as Ctrl-C sends, right after the first checkpoint
             os.kill(os.getpid(), signal.SIGINT)
+            # Python runs the handler at its next check; make that check happen here, in this frame, rather
+            # than wherever the interpreter gets to next (a finalizer there would swallow KeyboardInterrupt)
+            time.sleep(5)
+            raise AssertionError("SIGINT was not turned into KeyboardInterrupt")
         return path
 
     monkeypatch.setattr(Pretrainer, "save_checkpoint", interrupt_after_step_4)
