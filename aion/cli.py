@@ -299,7 +299,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if objects:
             tokens, present, failed = _tokenize(am, objects)
             pred = am.predict_scalar(tokens, present, args.target)
-            if args.temperature != 1.0 and pred.centers is not None:
+            if args.temperature != 1.0:
                 pred = pred.tempered(args.temperature)
             est = pred.refined if args.refined and pred.refined is not None else pred.estimates
             cols.update({f: np.array(getattr(est, f), dtype=np.float64) for f in fields})

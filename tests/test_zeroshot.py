@@ -456,3 +456,7 @@ def test_zeroshot_calibration_rows(e2e, e2e_run):
     with pytest.raises(ValueError, match="calibration_data"):
         evaluate_zeroshot(e2e["model"], e2e["tokenizers"], e2e["held"], e2e["train"], out,
                           _cfg(plots=False, calibration_data=str(e2e["tmp"] / "missing")), progress=False)
+    with pytest.raises(ValueError, match="calibration_objective"):
+        evaluate_zeroshot(e2e["model"], e2e["tokenizers"], e2e["held"], e2e["train"], out,
+                          _cfg(plots=False, calibration_data=str(e2e["train"]), calibration_objective="brier"),
+                          progress=False)

@@ -506,11 +506,13 @@ def _fit_temperatures(am, cfg: ZeroShotConfig, sets: dict[str, tuple[str, ...]],
     """One redshift temperature per input set, fitted on the labelled objects of ``cfg.calibration_data``."""
     from tqdm.auto import tqdm
 
-    from aion.inference.calibration import fit_temperature
+    from aion.inference.calibration import OBJECTIVES, fit_temperature
 
     root = Path(cfg.calibration_data)
     if not root.is_dir():
         raise ValueError(f"calibration_data: {root} is not a directory")
+    if cfg.calibration_objective not in OBJECTIVES:  # before the model pass, not after it
+        raise ValueError(f"calibration_objective: expected one of {OBJECTIVES}, got {cfg.calibration_objective!r}")
     limited = ZeroShotConfig(**{**cfg.__dict__, "max_objects": cfg.calibration_max_objects})
     probs: dict[str, list[np.ndarray]] = {k: [] for k in sets}
     truths, edges = [], {}

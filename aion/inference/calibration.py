@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from aion.inference.model import ScalarPrediction, temper_probs
+from aion.inference.model import _cdf, temper_probs
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 """The search range of T; a fit at either end means the posteriors carry (almost) no information."""
@@ -60,17 +60,10 @@ class TemperatureFit:
         return asdict(self)
 
 
-def _pit(probs: np.ndarray, k: np.ndarray, frac: np.ndarray) -> np.ndarray:
-    """CDF at the truth: the mass below its bin plus the bin's mass times the truth's place in it
-    (linear inside a bin, as the model's quantiles are)."""
-    rows = np.arange(len(k))
-    below = np.cumsum(probs, axis=1)[rows, k] - probs[rows, k]
-    return below + probs[rows, k] * frac
-
-
-def _coverages(pit: np.ndarray) -> tuple[float, float]:
-    """Shares of truths inside the central 68% and 95% intervals."""
-    d = np.abs(pit - 0.5)
+def _coverages(probs: np.ndarray, edges: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Shares of truths inside the central 68% and 95% intervals, from the CDF at the truth (linear
+    inside a bin, as :meth:`ScalarPrediction.cdf` and the model's quantiles are)."""
+    d = np.abs(_cdf(probs, edges, truth) - 0.5)
     return float(np.mean(d <= 0.34)), float(np.mean(d <= 0.475))
 
 
@@ -78,8 +71,8 @@ def fit_temperature(probs: np.ndarray, edges: np.ndarray, truth: np.ndarray,
                     bounds: tuple[float, float] = TEMPERATURE_BOUNDS, objective: str = "coverage") -> TemperatureFit:
     """The temperature that calibrates ``probs`` against ``truth`` (see the module doc for ``objective``).
 
-    ``probs`` (N, K) posteriors over bins with physical ``edges`` (K + 1,) (as in
-    :class:`ScalarPrediction`); ``truth`` (N,). Rows with a NaN posterior or a non-finite truth
+    ``probs`` (N, K) posteriors over bins with physical ``edges`` (K + 1,) (``ScalarPrediction.probs``
+    and ``.edges``); ``truth`` (N,). Rows with a NaN posterior or a non-finite truth
     are left out; truths outside the edges count at the end of the edge bins. Coverages use the
     CDF at the truth, linear inside a bin.
     """
@@ -101,8 +94,8 @@ def fit_temperature(probs: np.ndarray, edges: np.ndarray, truth: np.ndarray,
         raise ValueError(f"truth: {n} labelled objects with a prediction; fitting a temperature needs at least "
                          f"{MIN_OBJECTS}")
     p = probs[use]
-    k = np.clip(np.searchsorted(edges, truth[use], side="right") - 1, 0, p.shape[1] - 1)
-    frac = np.clip((truth[use] - edges[k]) / np.maximum(edges[k + 1] - edges[k], 1e-300), 0.0, 1.0)
+    y = truth[use]
+    k = np.clip(np.searchsorted(edges, y, side="right") - 1, 0, p.shape[1] - 1)
     logp = np.log(np.maximum(p, PROB_FLOOR))
     rows = np.arange(n)
 
@@ -113,7 +106,7 @@ def fit_temperature(probs: np.ndarray, edges: np.ndarray, truth: np.ndarray,
         return float(np.mean(lse - z[rows, k]))
 
     def miss(t: float) -> float:
-        c68, c95 = _coverages(_pit(temper_probs(p, t), k, frac))
+        c68, c95 = _coverages(temper_probs(p, t), edges, y)
         return max(abs(c68 - 0.68), abs(c95 - 0.95))
 
     if objective == "nll":
@@ -124,8 +117,8 @@ def fit_temperature(probs: np.ndarray, edges: np.ndarray, truth: np.ndarray,
         misses = np.array([miss(g) for g in grid])
         best = np.flatnonzero(misses <= misses.min() + 1e-12)
         t = float(grid[best[np.argmin(np.abs(np.log(grid[best])))]])
-    before = _coverages(_pit(p, k, frac))
-    after = _coverages(_pit(temper_probs(p, t), k, frac))
+    before = _coverages(p, edges, y)
+    after = _coverages(temper_probs(p, t), edges, y)
     return TemperatureFit(
         temperature=t, n=n, nll_before=nll(0.0), nll_after=nll(float(np.log(t))), objective=objective,
         coverage_68_before=before[0], coverage_68_after=after[0],
@@ -133,11 +126,4 @@ def fit_temperature(probs: np.ndarray, edges: np.ndarray, truth: np.ndarray,
         at_bound=bool(min(abs(np.log(t / lo_t)), abs(np.log(hi_t / t))) < 3e-2))
 
 
-def fit_prediction_temperature(pred: ScalarPrediction, truth: np.ndarray,
-                               bounds: tuple[float, float] = TEMPERATURE_BOUNDS,
-                               objective: str = "coverage") -> TemperatureFit:
-    """:func:`fit_temperature` on a :class:`ScalarPrediction` (objects in its errors are left out)."""
-    return fit_temperature(pred.probs, pred.edges, truth, bounds, objective)
-
-
-__all__ = ["OBJECTIVES", "TEMPERATURE_BOUNDS", "TemperatureFit", "fit_prediction_temperature", "fit_temperature"]
+__all__ = ["OBJECTIVES", "TEMPERATURE_BOUNDS", "TemperatureFit", "fit_temperature"]

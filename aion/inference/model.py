@@ -217,7 +217,6 @@ class ScalarPrediction:
             raise ValueError(f"{self.modality}: this prediction has no bins to temper (see its errors)")
         probs = temper_probs(self.probs, t)
         est = _estimates(probs, self.edges_transformed, self.centers, self.transform, self.coarse_token)
-        est.mode = self.estimates.mode.copy()
         refined = None
         if self.refined is not None and self.fine_probs is not None:
             refined = _refined_estimates(None, probs, self.fine_probs, self.coarse_token, self.edges_transformed,
