@@ -240,9 +240,9 @@ def test_mixed_survey_batch_in_known_band_layout():
                                    "band_index": p["band_index"]})())
     lay = stack_known_bands(sets, [(0, 0), (1, 1)], 9)
     with torch.no_grad():
-        _, ind = tok.model.encode(lay["flux"], lay["valid"], torch.arange(9))
-    assert torch.equal(ind.flatten(1)[0], tok.encode(leg)[0])
-    assert torch.equal(ind.flatten(1)[1], tok.encode(hsc)[1])
+        _, ind, _ = tok.model.encode(lay["flux"], lay["valid"], torch.arange(9))
+    assert torch.equal(ind[0], tok.encode(leg)[0])
+    assert torch.equal(ind[1], tok.encode(hsc)[1])
 
 
 def test_augmentation_keeps_the_object_centre():
@@ -284,6 +284,74 @@ def test_save_load_round_trip_and_inputs_untouched(tmp_path):
     assert torch.equal(again.encode(batch), tokens)
     np.testing.assert_array_equal(again.decode(tokens, modality="legacysurvey_image").flux,
                                   tok.decode(tokens, modality="legacysurvey_image").flux)
+
+
+# ------------------------------------------------------------------------ amplitude token
+def test_amplitude_token_layout_and_value():
+    tok = tiny_tokenizer(amplitude_token=True)
+    assert tok.num_tokens == 17 and tok.vocab_size == 1000 + 1024
+    batch = blobs(5, LEGACY, seed=4)
+    tokens = tok.encode(batch)
+    assert tokens.shape == (5, 17)
+    assert bool((tokens[:, 0] >= 1000).all() and (tokens[:, 0] < 2024).all())
+    assert bool((tokens[:, 1:] >= 0).all() and (tokens[:, 1:] < 1000).all())
+    # the amplitude is the brightest band's mean valid flux in the central 4x4 pixels
+    p = tok.prepare(batch)
+    box = np.where(p["valid"], p["flux"], 0)[..., 6:10, 6:10].sum((2, 3)) / p["valid"][..., 6:10, 6:10].sum((2, 3))
+    expected = np.round((np.log10(box.max(1)) - tok.config.amp_log_min) * tok.config.amp_bins_per_dex)
+    np.testing.assert_array_equal(tokens[:, 0].numpy() - 1000, expected)
+    # amplitudes above the grid use the top bin: encode and decode share it, so codes stay consistent
+    short = tiny_tokenizer(amplitude_token=True, n_amp_bins=512)
+    assert short.vocab_size == 1512 and bool((short.encode(batch)[:, 0] == 1511).all())
+    # non-positive or absent centres fall into bin 0 instead of failing
+    dark = ImageBatch(flux=-np.ones((1, 4, 16, 16)), ivar=np.ones((1, 4, 16, 16)), valid=np.ones((1, 4, 16, 16), bool),
+                      bands=LEGACY, pixel_scale=0.262, psf_fwhm=np.ones((1, 4)))
+    assert int(tok.encode(dark)[0, 0]) == 1000
+
+
+def test_amplitude_token_makes_bright_objects_scale_free():
+    """Above the softening switch, 10x the flux changes only the amplitude token (by one dex)
+    and decodes to exactly 10x the reconstruction."""
+    tok = tiny_tokenizer(seed=2, amplitude_token=True, amp_softening_ratio=2.0, arcsinh_scale=(0.01,) * 9)
+    bright = blobs(4, LEGACY, seed=8)
+    brighter = ImageBatch(flux=bright.flux * 10, ivar=bright.ivar / 100, valid=bright.valid, bands=LEGACY,
+                          pixel_scale=0.262, psf_fwhm=bright.psf_fwhm)
+    t1, t10 = tok.encode(bright), tok.encode(brighter)
+    assert torch.equal(t10[:, 0], t1[:, 0] + tok.config.amp_bins_per_dex)
+    assert torch.equal(t10[:, 1:], t1[:, 1:])
+    np.testing.assert_allclose(tok.decode_flux(t10).numpy(), 10 * tok.decode_flux(t1).numpy(), rtol=1e-4, atol=1e-6)
+    # without the token the same network's codes do change with brightness
+    plain = tiny_tokenizer(seed=2, arcsinh_scale=(0.01,) * 9)
+    assert not torch.equal(plain.encode(bright), plain.encode(brighter))
+
+
+def test_amplitude_token_save_load_train_and_errors(tmp_path):
+    torch.set_num_threads(1)
+    tok = tiny_tokenizer(seed=5, amplitude_token=True)
+    batch = blobs(64, LEGACY, seed=9)
+    data = known_layout(tok, batch)
+    with torch.no_grad():
+        _, first = tok.model.loss(data)
+    cfg = TrainConfig(steps=100, batch_size=16, lr=5e-3, warmup_steps=10, log_every=50, checkpoint_every=1000)
+    train(tok.model, lambda idx: {k: v[torch.from_numpy(idx)] for k, v in data.items()}, 64, cfg, tmp_path / "t",
+          progress=False)
+    with torch.no_grad():
+        _, last = tok.model.loss(data)
+    assert float(last["chi2"]) < 0.5 * float(first["chi2"]), (first, last)
+    tokens = tok.encode(batch)
+    again = load_tokenizer(tok.save_pretrained(tmp_path / "tok"))
+    assert again.config.amplitude_token and torch.equal(again.encode(batch), tokens)
+    np.testing.assert_array_equal(again.decode_flux(tokens).numpy(), tok.decode_flux(tokens).numpy())
+    bad = tokens.clone()
+    bad[0, 0] = 5  # a code value where the amplitude belongs
+    with pytest.raises(ValueError, match=r"tokens\[:, 0\] \(amplitude\).*\[1000, 2024\)"):
+        tok.decode_flux(bad)
+    bad = tokens.clone()
+    bad[0, 3] = 1500  # an amplitude value among the codes
+    with pytest.raises(ValueError, match=r"code tokens\[:, 1:\].*\[0, 1000\)"):
+        tok.decode_flux(bad)
+    with pytest.raises(ValueError, match="amp_softening_ratio"):
+        tiny_config(amplitude_token=True, amp_softening_ratio=0.0)
 
 
 # ------------------------------------------------------------------------ errors
