@@ -410,6 +410,9 @@ def test_train_resume_and_evaluate_on_mock(tmp_path, small_mock):
     for survey in ("legacysurvey", "hsc"):
         r = res[survey]
         assert r["n_objects"] > 0 and np.isfinite(r["reduced_chi2"]) and np.isfinite(r["rms_vs_truth_over_noise"])
+        by_snr = r["reduced_chi2_by_object_snr"].values()
+        assert sum(b["n"] for b in by_snr) == r["n_objects"]
+        assert sum(b["share_of_chi2"] for b in by_snr) == pytest.approx(1.0)
     assert (tmp_path / "eval" / "metrics.json").is_file()
     assert (tmp_path / "eval" / "panels_hsc.png").is_file()
 

@@ -42,7 +42,7 @@ Design (AION-1-style, sized down; the reasons are the part worth keeping):
 - **Amplitude token (``amplitude_token``).** With a fixed softening, the rare very bright
   objects (HSC cores at per-pixel S/N of hundreds) map to arcsinh values the network almost
   never sees and come back too faint and too smooth; on the mock the brightest 4% of HSC
-  objects carried 70% of the held-out chi^2. The token is the brightest band's mean flux in
+  objects carried 71% of the held-out chi^2. The token is the brightest band's mean flux in
   the central ``amp_box`` pixels on a log grid (as the spectrum tokenizer's amplitude), and
   every band is softened by ``max(s_band, amplitude / amp_softening_ratio)``: faint objects
   are unchanged (noise stays linear), a bright object looks like a moderately bright one,
@@ -292,9 +292,10 @@ class ImageCodec(nn.Module):
         mean = torch.where(m, f, torch.zeros((), device=f.device)).flatten(2).sum(2) / n.clamp_min(1)
         mean = torch.where(n > 0, mean, torch.full_like(mean, -math.inf))
         a = mean.amax(dim=1) if mean.shape[1] else torch.zeros(mean.shape[0], device=f.device)
-        log_a = torch.log10(torch.where(a > 0, a, torch.full_like(a, 1e-300)))
-        idx = torch.round((log_a - self.cfg.amp_log_min) * self.cfg.amp_bins_per_dex)
-        return idx.clamp(0, self.cfg.n_amp_bins - 1).long()
+        ok = torch.isfinite(a) & (a > 0)
+        log_a = torch.log10(torch.where(ok, a, torch.ones_like(a)))
+        idx = torch.round((log_a - self.cfg.amp_log_min) * self.cfg.amp_bins_per_dex).clamp(0, self.cfg.n_amp_bins - 1)
+        return torch.where(ok, idx, torch.zeros_like(idx)).long()
 
     def amplitude_value(self, amp_index: torch.Tensor) -> torch.Tensor:
         """Bin index (B,) -> amplitude in nanomaggies (B,), float32."""
@@ -923,6 +924,16 @@ def evaluate_image_tokenizer(tokenizer_dir: str | os.PathLike, data_dir: str | o
             "aperture_by_snr": {},
             "encode_objects_per_second": float(len(cs) / max(t_enc, 1e-9)),
         }
+        # where the pooled chi^2 comes from: objects binned by their total S/N, sqrt(sum ivar data^2)
+        obj_chi2, obj_n = np.where(valid, chi**2, 0).sum(axis=(1, 2, 3)), valid.sum(axis=(1, 2, 3))
+        obj_snr = np.sqrt(np.where(valid, ivar * data**2, 0).sum(axis=(1, 2, 3)))
+        r["reduced_chi2_by_object_snr"] = {}
+        for lo, hi in ((0.0, 300.0), (300.0, 1000.0), (1000.0, 2000.0), (2000.0, np.inf)):
+            m = (obj_snr >= lo) & (obj_snr < hi)
+            if m.any():
+                r["reduced_chi2_by_object_snr"][f"{lo:g}-{hi:g}"] = {
+                    "n": int(m.sum()), "reduced_chi2": float(obj_chi2[m].sum() / max(obj_n[m].sum(), 1)),
+                    "share_of_chi2": float(obj_chi2[m].sum() / max(obj_chi2.sum(), 1e-300))}
         rel_all = (f_rec - f_true) / np.where(f_true != 0, f_true, np.inf)
         for lo, hi in ((snr_min, 50.0), (50.0, 100.0), (100.0, 300.0), (300.0, np.inf)):
             m = sel & (snr >= lo) & (snr < hi)
