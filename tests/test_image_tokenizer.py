@@ -352,6 +352,8 @@ def test_amplitude_token_save_load_train_and_errors(tmp_path):
         tok.decode_flux(bad)
     with pytest.raises(ValueError, match="amp_softening_ratio"):
         tiny_config(amplitude_token=True, amp_softening_ratio=0.0)
+    with pytest.raises(ValueError, match="amp_log_min"):
+        tiny_config(amplitude_token=True, amp_log_min=float("nan"))
 
 
 # ------------------------------------------------------------------------ errors

@@ -184,6 +184,8 @@ class ImageTokenizerConfig:
             raise ValueError(f"error_floor: expected 0 <= floor < 1, got {self.error_floor}")
         if not 1 <= self.amp_box <= self.crop_size:
             raise ValueError(f"amp_box: expected 1..crop_size={self.crop_size}, got {self.amp_box}")
+        if not math.isfinite(self.amp_log_min):
+            raise ValueError(f"amp_log_min: expected a finite log10 flux, got {self.amp_log_min}")
         if self.amp_bins_per_dex < 1 or self.n_amp_bins < 2:
             raise ValueError(f"amp_bins_per_dex / n_amp_bins: expected >= 1 / >= 2, got "
                              f"{self.amp_bins_per_dex} / {self.n_amp_bins}")
