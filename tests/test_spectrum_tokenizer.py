@@ -238,6 +238,41 @@ def test_noise_pair_loss_scores_the_other_draw():
     assert metrics["chi2"] == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_binned_chi2_matches_hand_computation_and_weights_coherent_residuals():
+    tok = tiny(binned_chi2_scales=(4, 16), binned_chi2_weight=0.5)
+    n = tok.config.n_pix
+    target = torch.zeros(2, n)
+    ivar = torch.full((2, n), 4.0)  # sigma 0.5
+    scored = torch.ones(2, n, dtype=torch.bool)
+    scored[1, :8] = False  # a masked stretch: its blocks sum fewer pixels, variances add accordingly
+    g = torch.Generator().manual_seed(0)
+    white = torch.randn(2, n, generator=g) * 0.5 * 0.3  # 0.3 sigma of white residual per pixel
+    coherent = torch.full((2, n), 0.3 * 0.5)  # the same per-pixel chi^2, but all of one sign
+    results = {}
+    for name, pred in (("white", white), ("coherent", coherent)):
+        loss, metrics = tok.model._scored_chi2(pred, target, ivar, scored)
+        r = torch.where(scored, pred, 0.0)
+        v = torch.where(scored, 0.25, 0.0)
+        by_k = []
+        for k in (4, 16):
+            rb, vb = r.reshape(2, -1, k).sum(-1), v.reshape(2, -1, k).sum(-1)
+            ok = vb > 0
+            by_k.append(torch.stack([(rb[i][ok[i]] ** 2 / vb[i][ok[i]]).mean() for i in range(2)]).mean())
+            assert metrics[f"chi2_bin{k}"] == pytest.approx(float(by_k[-1]), rel=1e-5)
+        per_pixel = torch.stack([(4.0 * r[i][scored[i]] ** 2).mean() for i in range(2)]).mean()
+        assert metrics["chi2"] == pytest.approx(float(per_pixel), rel=1e-5)
+        assert float(loss) == pytest.approx(float(per_pixel + 0.5 * torch.stack(by_k).mean()), rel=1e-5)
+        results[name] = metrics
+    # a white residual's block chi^2 stays at its per-pixel level; a coherent one grows like the block size
+    assert results["white"]["chi2_bin16"] < 3 * results["white"]["chi2"]
+    # (row 1's first block holds 8 scored pixels, so it grows like 8 there)
+    blocks_mean = (16 + (31 * 16 + 8) / 32) / 2
+    assert results["coherent"]["chi2_bin16"] == pytest.approx(blocks_mean * results["coherent"]["chi2"], rel=1e-4)
+    for bad in ((3,), (1,)):
+        with pytest.raises(ValueError, match="binned_chi2_scales"):
+            SpectrumTokenizerConfig(**{**TINY, "binned_chi2_scales": bad})
+
+
 # ----------------------------------------------------------------------------- persistence / contract
 def test_save_load_round_trip_and_inputs_untouched(tmp_path):
     tok = tiny(quantizer="fsq", fsq_levels=(5, 4, 3))

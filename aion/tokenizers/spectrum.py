@@ -103,6 +103,13 @@ class SpectrumTokenizerConfig:
     """With blind-spot training, also score the pixels the encoder saw, with this weight: their chi^2
     gives narrow emission lines a direct gradient (held-out pixels alone rarely hit a line), at the
     price of some noise fitting."""
+    binned_chi2_scales: tuple[int, ...] = ()
+    """Block sizes (grid pixels) of an extra chi^2 on residuals summed over blocks (variances add);
+    each must divide ``n_pix``. A coherent residual (a missed emission line, a continuum offset)
+    grows like the block size in a block sum while white noise does not, so this term weights
+    what the tokenizer should keep over what it should drop."""
+    binned_chi2_weight: float = 0.0
+    """Weight of the mean over ``binned_chi2_scales`` of the binned chi^2 (0 = off)."""
     max_abs_input: float = 1e3
     """Normalised input flux is clipped to +-this before the network (guards faint, near-zero medians)."""
 
@@ -111,6 +118,7 @@ class SpectrumTokenizerConfig:
         self.widths = tuple(int(w) for w in self.widths)
         self.depths = tuple(int(d) for d in self.depths)
         self.fsq_levels = tuple(int(n) for n in self.fsq_levels)
+        self.binned_chi2_scales = tuple(int(k) for k in self.binned_chi2_scales)
         if not (self.wave_step > 0 and self.wave_min > 0 and self.n_pix >= 1):
             raise ValueError("wave_min and wave_step must be positive and n_pix >= 1")
         if not 0 < self.min_coverage <= 1:
@@ -129,6 +137,12 @@ class SpectrumTokenizerConfig:
             raise ValueError(f"holdout_fraction: expected 0 <= x < 1, got {self.holdout_fraction}")
         if self.seen_chi2_weight < 0:
             raise ValueError(f"seen_chi2_weight: expected >= 0, got {self.seen_chi2_weight}")
+        if self.binned_chi2_weight < 0:
+            raise ValueError(f"binned_chi2_weight: expected >= 0, got {self.binned_chi2_weight}")
+        bad = [k for k in self.binned_chi2_scales if k < 2 or self.n_pix % k]
+        if bad:
+            raise ValueError(f"binned_chi2_scales: every block size must be >= 2 and divide n_pix={self.n_pix}, "
+                             f"got {bad}")
 
     @property
     def downsample(self) -> int:
@@ -351,39 +365,53 @@ class SpectrumAutoencoder(nn.Module):
         return self.decode_codes(codes), indices, z
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """ivar-weighted chi^2 per valid pixel (normalised flux), averaged over spectra, + aux loss."""
+        """ivar-weighted chi^2 per valid pixel (normalised flux), averaged over spectra, + binned + aux loss."""
         flux, ivar, valid = batch["flux"], batch["ivar"], batch["valid"]
         if "target_flux" in batch:  # noise2noise: score an independent draw of the same spectrum
             pred, indices, z = self(flux, ivar, valid)
-            t_valid = batch["target_valid"]
-            sq_t = batch["target_ivar"] * (pred - batch["target_flux"]) ** 2
-            n = t_valid.sum(dim=1)
-            has = n > 0
-            chi2 = ((sq_t * t_valid).sum(dim=1) / n.clamp_min(1) * has).sum() / has.sum().clamp_min(1)
-            metrics = {"chi2": float(chi2.detach()), "codes_used": float(torch.unique(indices).numel())}
-            return chi2 + self._aux(z, metrics), metrics
+            loss, metrics = self._scored_chi2(pred, batch["target_flux"], batch["target_ivar"],
+                                              batch["target_valid"])
+            metrics["codes_used"] = float(torch.unique(indices).numel())
+            return loss + self._aux(z, metrics), metrics
         if self.training and self.cfg.holdout_fraction > 0:
             hold = torch.rand(valid.shape, device=valid.device) < self.cfg.holdout_fraction
             seen, scored = valid & ~hold, valid & hold
         else:
             seen = scored = valid
         pred, indices, z = self(flux, ivar, seen)
-        sq = ivar * (pred - flux) ** 2
-
-        def mean_chi2(pixels: torch.Tensor) -> torch.Tensor:
-            n = pixels.sum(dim=1)
-            has = n > 0
-            return ((sq * pixels).sum(dim=1) / n.clamp_min(1) * has).sum() / has.sum().clamp_min(1)
-
-        chi2 = mean_chi2(scored)
-        loss = chi2
-        metrics = {"chi2": float(chi2.detach())}
+        loss, metrics = self._scored_chi2(pred, flux, ivar, scored)
         if self.training and self.cfg.holdout_fraction > 0 and self.cfg.seen_chi2_weight > 0:
-            seen_chi2 = mean_chi2(seen)
+            seen_chi2 = self._mean_chi2(ivar * (pred - flux) ** 2, seen)
             loss = loss + self.cfg.seen_chi2_weight * seen_chi2
             metrics["seen_chi2"] = float(seen_chi2.detach())
         metrics["codes_used"] = float(torch.unique(indices).numel())
         return loss + self._aux(z, metrics), metrics
+
+    @staticmethod
+    def _mean_chi2(sq: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """Mean of ``sq`` over ``pixels`` per spectrum, averaged over spectra that have any."""
+        n = pixels.sum(dim=1)
+        has = n > 0
+        return ((sq * pixels).sum(dim=1) / n.clamp_min(1) * has).sum() / has.sum().clamp_min(1)
+
+    def _scored_chi2(self, pred: torch.Tensor, target: torch.Tensor, ivar: torch.Tensor, scored: torch.Tensor,
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """chi^2 of ``pred`` against ``target`` on ``scored`` pixels, plus the binned term when configured."""
+        resid = torch.where(scored, pred - target, torch.zeros((), device=pred.device))
+        chi2 = self._mean_chi2(ivar * resid**2, scored)
+        metrics = {"chi2": float(chi2.detach())}
+        loss = chi2
+        if self.cfg.binned_chi2_weight > 0 and self.cfg.binned_chi2_scales:
+            var = torch.where(scored, 1.0 / ivar.clamp_min(1e-30), torch.zeros((), device=pred.device))
+            terms = []
+            for k in self.cfg.binned_chi2_scales:
+                r = F.avg_pool1d(resid[:, None], k)[:, 0] * k
+                v = F.avg_pool1d(var[:, None], k)[:, 0] * k
+                ok = v > 0
+                terms.append(self._mean_chi2(torch.where(ok, r**2 / v.clamp_min(1e-30), 0.0), ok))
+                metrics[f"chi2_bin{k}"] = float(terms[-1].detach())
+            loss = loss + self.cfg.binned_chi2_weight * torch.stack(terms).mean()
+        return loss, metrics
 
     def _aux(self, z: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor | float:
         if isinstance(self.quantizer, LFQ) and self.cfg.entropy_weight > 0:
