@@ -398,3 +398,9 @@ def test_train_entry_point_writes_a_loadable_tokenizer_and_resumes(tmp_path):
     again = load_tokenizer(tmp_path / "run" / "tokenizer")
     for k, v in tok.state_tensors().items():
         assert torch.equal(v, again.state_tensors()[k]), k
+    # mock-only data options on a directory without a truth table: a named error, nothing written
+    for key, value in (("noise_pairs", True), ("extra_from_truth", 10)):
+        bad = {**recipe, "data": {**recipe["data"], key: value}}
+        with pytest.raises(ValueError, match=f"data.{key}.*truth"):
+            train_spectrum_tokenizer(bad, tmp_path / "mmu", tmp_path / f"bad_{key}", progress=False)
+        assert not (tmp_path / f"bad_{key}").exists()

@@ -813,6 +813,13 @@ def train_spectrum_tokenizer(recipe: PathLike | dict[str, Any] | SpectrumRecipe,
     import yaml
 
     rec = load_recipe(recipe)
+    mock_only = [k for k, on in (("data.noise_pairs", rec.data.noise_pairs),
+                                 ("data.extra_from_truth", rec.data.extra_from_truth > 0)) if on]
+    if mock_only and not (Path(data_dir) / "truth").is_dir():
+        raise ValueError(f"{data_dir}: {' and '.join(mock_only)} simulate spectra from a mock universe's truth "
+                         "table, and this directory has none (no truth/ survey). For real survey data set "
+                         "data.noise_pairs: false and data.extra_from_truth: 0 and use blind-spot training "
+                         "(tokenizer.holdout_fraction > 0).")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(rec), sort_keys=False))
