@@ -356,6 +356,48 @@ def test_amplitude_token_save_load_train_and_errors(tmp_path):
         tiny_config(amplitude_token=True, amp_log_min=float("nan"))
 
 
+def test_per_band_amplitudes_layout_scale_freedom_and_round_trip(tmp_path):
+    """One amplitude token per known band: each band is softened by its own core, so 10x the flux in one
+    band (above the switch) changes only that band's amplitude token and decodes to 10x in that band."""
+    tok = tiny_tokenizer(seed=3, amplitude_token=True, amp_per_band=True, amp_softening_ratio=2.0,
+                         arcsinh_scale=(0.01,) * 9)
+    k = len(tok.config.bands)
+    assert tok.num_tokens == k + 16 and tok.vocab_size == 1000 + 1024
+    batch = blobs(4, LEGACY, seed=11)
+    tokens = tok.encode(batch)
+    assert tokens.shape == (4, k + 16)
+    p = tok.prepare(batch)
+    box = np.where(p["valid"], p["flux"], 0)[..., 6:10, 6:10].sum((2, 3)) / p["valid"][..., 6:10, 6:10].sum((2, 3))
+    expected = np.zeros((4, k))
+    expected[:, p["band_index"]] = np.round((np.log10(box) - tok.config.amp_log_min) * tok.config.amp_bins_per_dex)
+    np.testing.assert_array_equal(tokens[:, :k].numpy() - 1000, expected)  # HSC slots: bin 0
+    r = LEGACY.index("des-r")
+    scaled = batch.flux.copy()
+    scaled[:, r] *= 10
+    brighter = ImageBatch(flux=scaled, ivar=batch.ivar, valid=batch.valid, bands=LEGACY, pixel_scale=0.262,
+                          psf_fwhm=batch.psf_fwhm)
+    t10 = tok.encode(brighter)
+    j = p["band_index"][r]
+    shift = torch.zeros_like(tokens)
+    shift[:, j] = tok.config.amp_bins_per_dex
+    assert torch.equal(t10, tokens + shift)
+    d1, d10 = tok.decode_flux(tokens).numpy(), tok.decode_flux(t10).numpy()
+    np.testing.assert_allclose(d10[:, j], 10 * d1[:, j], rtol=1e-4, atol=1e-6)
+    others = [i for i in range(k) if i != j]
+    np.testing.assert_array_equal(d10[:, others], d1[:, others])
+    # with one shared amplitude the same change moves the other bands' softening and codes
+    shared = tiny_tokenizer(seed=3, amplitude_token=True, amp_softening_ratio=2.0, arcsinh_scale=(0.01,) * 9)
+    assert not torch.equal(shared.encode(brighter)[:, 1:], shared.encode(batch)[:, 1:])
+    again = load_tokenizer(tok.save_pretrained(tmp_path / "tok"))
+    assert again.config.amp_per_band and torch.equal(again.encode(batch), tokens)
+    bad = tokens.clone()
+    bad[0, 2] = 7
+    with pytest.raises(ValueError, match=rf"tokens\[:, :{k}\] \(amplitude\)"):
+        tok.decode_flux(bad)
+    with pytest.raises(ValueError, match="amp_per_band"):
+        tiny_config(amp_per_band=True)
+
+
 # ------------------------------------------------------------------------ errors
 def test_clear_errors():
     tok = tiny_tokenizer()

@@ -296,6 +296,23 @@ def test_generate_decodes_and_fills_every_position_with_allowed_ids(trained, tes
     assert isinstance(image.decoded[0], ImageBatch) and image.decoded[0].flux.shape == (10, 4, 8, 8)
 
 
+def test_allowed_tokens_keep_amplitude_and_code_ranges_apart():
+    from aion.inference.model import allowed_token_mask
+
+    for per_band in (False, True):
+        tok = ImageTokenizer(ImageTokenizerConfig(bands=BANDS, crop_size=8, downsample=2, channels=(4, 8),
+                                                  fsq_levels=(3, 3), amplitude_token=True, amp_per_band=per_band,
+                                                  n_amp_bins=16))
+        k, p = tok.codebook_size, tok.config.n_prefix
+        mask = allowed_token_mask(tok, tok.num_tokens, tok.vocab_size)
+        assert p == (len(BANDS) if per_band else 1)
+        assert mask[:p, k:].all() and not mask[:p, :k].any()
+        assert mask[p:, :k].all() and not mask[p:, k:].any()
+    plain = ImageTokenizer(ImageTokenizerConfig(bands=BANDS, crop_size=8, downsample=2, channels=(4, 8),
+                                                fsq_levels=(3, 3)))
+    assert allowed_token_mask(plain, plain.num_tokens, plain.vocab_size).all()
+
+
 # ---------------------------------------------------------------------------- errors
 def test_per_object_errors_do_not_stop_the_batch(trained, test_set):
     tokens, present, _ = test_set

@@ -53,7 +53,9 @@ from aion.data.batches import ImageBatch, ScalarBatch, SpectrumBatch
 from aion.model.fourm import FourM
 from aion.tokenizers.base import Tokenizer
 from aion.tokenizers.binning import _forward_np, _inverse_np
+from aion.tokenizers.image import ImageTokenizer
 from aion.tokenizers.scalar import ScalarTokenizer
+from aion.tokenizers.spectrum import SpectrumTokenizer
 from aion.training.masking import MaskedSample, collate, split_budget, to_device
 
 log = logging.getLogger(__name__)
@@ -287,6 +289,32 @@ def select_inputs(available: Mapping[str, int], limit: int | None, seed: int = 0
             rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
             out[name] = np.sort(rng.permutation(int(size))[: int(count)]).astype(np.int64)
     return out
+
+
+def allowed_token_mask(tok: Tokenizer, num_tokens: int, vocab_size: int) -> Tensor:
+    """(num_tokens, vocab_size) bool: ids ``tok`` can emit at each position, so that generation
+    never draws a token its tokenizer would refuse to decode.
+
+    Scalars: coarse ids below the number of effective bins at position 0, fine ids at position 1;
+    spectra and images with amplitude tokens: the amplitude id range on the amplitude positions
+    (1 for spectra; ``config.n_prefix`` for images), codes elsewhere; anything else: every id.
+    """
+    allowed = torch.ones(num_tokens, vocab_size, dtype=torch.bool)
+    if isinstance(tok, ScalarTokenizer):
+        allowed[0, tok.binning.n_effective_bins:] = False
+        if tok.fine_bins:
+            allowed[1, : tok.binning.n_bins] = False
+        return allowed
+    prefix = 0
+    if isinstance(tok, SpectrumTokenizer):
+        prefix = 1
+    elif isinstance(tok, ImageTokenizer):
+        prefix = tok.config.n_prefix
+    if prefix:
+        k = int(tok.codebook_size)
+        allowed[:prefix, :k] = False
+        allowed[prefix:, k:] = False
+    return allowed
 
 
 def mask_schedule(n: int, steps: int, schedule: Literal["cosine", "linear"] = "cosine") -> list[int]:
@@ -715,22 +743,10 @@ class AionModel:
     def allowed_tokens(self, modality: str) -> Tensor:
         """(num_tokens, vocab_size) bool: ids the tokenizer can emit at each position.
 
-        Scalars: coarse ids below the number of effective bins at position 0, fine ids at
-        position 1; spectra: the amplitude id range at position 0, codes elsewhere; anything
-        else: every id everywhere.
+        See :func:`allowed_token_mask`.
         """
         spec = self.model.cfg.modalities[modality]
-        allowed = torch.ones(spec.num_tokens, spec.vocab_size, dtype=torch.bool)
-        tok = self.tokenizers[modality]
-        if isinstance(tok, ScalarTokenizer):
-            allowed[0, tok.binning.n_effective_bins:] = False
-            if tok.fine_bins:
-                allowed[1, : tok.binning.n_bins] = False
-        elif tok.tokenizer_type == "spectrum":
-            k = int(tok.codebook_size)  # type: ignore[attr-defined]
-            allowed[0, :k] = False
-            allowed[1:, k:] = False
-        return allowed
+        return allowed_token_mask(self.tokenizers[modality], spec.num_tokens, spec.vocab_size)
 
     @torch.no_grad()
     def generate(self, tokens: TokenDict, present: PresenceDict, target: str, steps: int = 8,

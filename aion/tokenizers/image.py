@@ -49,8 +49,11 @@ Design (AION-1-style, sized down; the reasons are the part worth keeping):
   and 10x the flux changes only the amplitude token (tested). Encode and decode use the
   *quantised* amplitude, so decoding inverts the softening exactly. Token layout then is
   ``[amplitude + codebook_size, codes...]``; ``vocab_size = codebook_size + n_amp_bins``.
+  With ``amp_per_band`` there is one amplitude per known band (``len(bands)`` prefix tokens,
+  bin 0 where the object lacks the band) and each band is softened by its own, so a faint
+  band of a bright object is not compressed on the brightest band's scale.
 - **Quantizer.** FSQ (no codebook collapse, no auxiliary loss); ``vocab_size`` is the product
-  of the levels and ``num_tokens = (crop_size / downsample)^2`` (+1 with the amplitude token).
+  of the levels and ``num_tokens = (crop_size / downsample)^2`` (+ the amplitude tokens).
 
 GroupNorm (per object) is used instead of BatchNorm so an object's tokens never depend on
 the other objects in its batch.
@@ -145,6 +148,11 @@ class ImageTokenizerConfig:
     n_amp_bins: int = 1024
     amp_softening_ratio: float = 16.0
     """Core-to-softening ratio above which an object's arcsinh softening follows its amplitude."""
+    amp_per_band: bool = False
+    """With the amplitude token: one amplitude per known band (``len(bands)`` prefix tokens, bin 0
+    for bands an object lacks) instead of the brightest band's, and each band softened by its own.
+    A faint band of a bright object (HSC g of a red galaxy) then keeps its own precision instead of
+    being compressed on the brightest band's scale; colours live in the amplitude tokens."""
 
     def __post_init__(self) -> None:
         self.bands = tuple(str(b).lower() for b in self.bands)
@@ -189,6 +197,8 @@ class ImageTokenizerConfig:
         if self.amp_bins_per_dex < 1 or self.n_amp_bins < 2:
             raise ValueError(f"amp_bins_per_dex / n_amp_bins: expected >= 1 / >= 2, got "
                              f"{self.amp_bins_per_dex} / {self.n_amp_bins}")
+        if self.amp_per_band and not self.amplitude_token:
+            raise ValueError("amp_per_band: needs amplitude_token: true")
         if not (self.amp_softening_ratio > 0 and math.isfinite(self.amp_softening_ratio)):
             raise ValueError(f"amp_softening_ratio: expected a positive number, got {self.amp_softening_ratio}")
 
@@ -198,8 +208,10 @@ class ImageTokenizerConfig:
 
     @property
     def n_prefix(self) -> int:
-        """Tokens before the code grid: 1 (the amplitude) or 0."""
-        return int(self.amplitude_token)
+        """Tokens before the code grid: the amplitude(s) (1, or one per known band) or 0."""
+        if not self.amplitude_token:
+            return 0
+        return len(self.bands) if self.amp_per_band else 1
 
     @property
     def scales(self) -> tuple[float, ...]:
@@ -282,10 +294,13 @@ class ImageCodec(nn.Module):
         self.head[-1].weight.data.mul_(0.1)
 
     # -------------------------------------------------------------------- amplitude
-    def amplitude(self, flux: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def amplitude(self, flux: torch.Tensor, valid: torch.Tensor, band_index: torch.Tensor | None = None,
+                  ) -> torch.Tensor:
         """Quantised amplitude bin per object (B,): the brightest band's mean valid flux (nanomaggies)
         in the central ``amp_box`` square; bands with no valid pixel there are ignored, and an
-        object with none (or a non-positive amplitude) gets bin 0."""
+        object with none (or a non-positive amplitude) gets bin 0. With ``amp_per_band``: (B, K)
+        over the known bands, each band's own mean (``flux``'s bands sit at ``band_index``), bin 0
+        for bands absent from ``flux`` or without a positive mean."""
         c, (h, w) = self.cfg.amp_box, flux.shape[-2:]
         y0, x0 = h // 2 - c // 2, w // 2 - c // 2
         f = flux[..., y0:y0 + c, x0:x0 + c].float()
@@ -293,23 +308,32 @@ class ImageCodec(nn.Module):
         n = m.flatten(2).sum(2)
         mean = torch.where(m, f, torch.zeros((), device=f.device)).flatten(2).sum(2) / n.clamp_min(1)
         mean = torch.where(n > 0, mean, torch.full_like(mean, -math.inf))
-        a = mean.amax(dim=1) if mean.shape[1] else torch.zeros(mean.shape[0], device=f.device)
+        if self.cfg.amp_per_band:
+            a = torch.full((mean.shape[0], len(self.cfg.bands)), -math.inf, device=f.device)
+            index = torch.arange(mean.shape[1], device=f.device) if band_index is None else band_index
+            a[:, index] = mean
+        else:
+            a = mean.amax(dim=1) if mean.shape[1] else torch.zeros(mean.shape[0], device=f.device)
         ok = torch.isfinite(a) & (a > 0)
         log_a = torch.log10(torch.where(ok, a, torch.ones_like(a)))
         idx = torch.round((log_a - self.cfg.amp_log_min) * self.cfg.amp_bins_per_dex).clamp(0, self.cfg.n_amp_bins - 1)
         return torch.where(ok, idx, torch.zeros_like(idx)).long()
 
     def amplitude_value(self, amp_index: torch.Tensor) -> torch.Tensor:
-        """Bin index (B,) -> amplitude in nanomaggies (B,), float32."""
+        """Bin index (B,) or (B, K) -> amplitude in nanomaggies, same shape, float32."""
         return 10.0 ** (self.cfg.amp_log_min + amp_index.float() / self.cfg.amp_bins_per_dex)
 
     def softening(self, amp_index: torch.Tensor | None, band_index: torch.Tensor | None = None) -> torch.Tensor:
         """Arcsinh softening (1 or B, n, 1, 1): the band's s_band, or with an amplitude
-        max(s_band, amplitude / amp_softening_ratio) per object."""
+        max(s_band, amplitude / amp_softening_ratio) per object (per object and band for
+        (B, K) per-band amplitudes; ``band_index`` picks the bands, None = all known)."""
         s = (self.scale if band_index is None else self.scale[band_index])[None, :, None, None]
         if amp_index is None:
             return s
         a = self.amplitude_value(amp_index) / self.cfg.amp_softening_ratio
+        if a.ndim == 2:
+            a = a if band_index is None else a[:, band_index]
+            return torch.maximum(s, a[:, :, None, None])
         return torch.maximum(s, a[:, None, None, None])
 
     # -------------------------------------------------------------------- transforms
@@ -330,7 +354,7 @@ class ImageCodec(nn.Module):
         """Continuous pre-quantization latents (B, d, h, w); with the amplitude token, computed
         from the data unless its bin ``amp_index`` is given."""
         if self.cfg.amplitude_token and amp_index is None:
-            amp_index = self.amplitude(flux, valid)
+            amp_index = self.amplitude(flux, valid, band_index)
         x = self.compress(flux, valid, band_index, amp_index if self.cfg.amplitude_token else None)
         m = valid.to(x.dtype)
         present = valid.flatten(2).any(dim=2).to(x.dtype)  # (B, n)
@@ -343,14 +367,15 @@ class ImageCodec(nn.Module):
     def encode(self, flux: torch.Tensor, valid: torch.Tensor, band_index: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """-> (codes (B, d, h, w) with straight-through gradients, tokens (B, num_tokens),
-        amplitude bin (B,) or None). Tokens: the amplitude bin offset by the codebook size
-        (if any), then the code grid row by row."""
-        amp = self.amplitude(flux, valid) if self.cfg.amplitude_token else None
+        amplitude bins (B,) / (B, K) or None). Tokens: the amplitude bin(s) offset by the codebook
+        size (if any), then the code grid row by row."""
+        amp = self.amplitude(flux, valid, band_index) if self.cfg.amplitude_token else None
         z = self.latents(flux, valid, band_index, amp)
         codes, idx = self.quantizer.quantize(z.permute(0, 2, 3, 1))
         tokens = idx.flatten(1)
         if amp is not None:
-            tokens = torch.cat([(amp + self.quantizer.codebook_size)[:, None], tokens], dim=1)
+            prefix = amp if amp.ndim == 2 else amp[:, None]
+            tokens = torch.cat([prefix + self.quantizer.codebook_size, tokens], dim=1)
         return codes.permute(0, 3, 1, 2), tokens, amp
 
     # -------------------------------------------------------------------- decoder
@@ -361,7 +386,9 @@ class ImageCodec(nn.Module):
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, num_tokens) -> nanomaggies of every known band (B, K, H, W), float32."""
         g, k = self.cfg.grid, self.cfg.n_prefix
-        amp = tokens[:, 0] - self.quantizer.codebook_size if k else None
+        amp = None
+        if k:
+            amp = (tokens[:, :k] if self.cfg.amp_per_band else tokens[:, 0]) - self.quantizer.codebook_size
         codes = self.quantizer.indices_to_codes(tokens[:, k:].reshape(-1, g, g)).permute(0, 3, 1, 2)
         return self.expand(self.decode_codes(codes), amp)
 
@@ -520,9 +547,10 @@ class ImageTokenizer(Tokenizer):
             raise ValueError(f"image tokenizer: expected integer tokens, got {tokens.dtype}")
         k, cb = self.config.n_prefix, self.codebook_size
         if tokens.numel() and k and (int(tokens[:, :k].min()) < cb or int(tokens[:, :k].max()) >= self.vocab_size):
-            raise ValueError(f"image tokenizer: tokens[:, 0] (amplitude) must lie in [{cb}, {self.vocab_size})")
+            where = "tokens[:, 0]" if k == 1 else f"tokens[:, :{k}]"
+            raise ValueError(f"image tokenizer: {where} (amplitude) must lie in [{cb}, {self.vocab_size})")
         if tokens.numel() and (int(tokens[:, k:].min()) < 0 or int(tokens[:, k:].max()) >= cb):
-            raise ValueError(f"image tokenizer: code tokens{'[:, 1:]' if k else ''} must lie in [0, {cb})")
+            raise ValueError(f"image tokenizer: code tokens{f'[:, {k}:]' if k else ''} must lie in [0, {cb})")
         return tokens.long()
 
     @torch.no_grad()
