@@ -49,21 +49,14 @@ def _basis(sub: dict[str, np.ndarray], i: int) -> np.ndarray:
 
 def main() -> None:
     from aion.mock.spectra import desi_wavelength
-    from aion.mock.universe import noiseless_desi_spectra
-    from aion.tokenizers.spectrum import LINES_FOR_EVAL, _read_truth, line_fluxes, load_spectra, r2_scores
+    from aion.tokenizers.spectrum import LINES_FOR_EVAL, line_fluxes, load_mock_desi_with_truth, r2_scores
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="a mock universe the numbers are measured on")
     ap.add_argument("--max-spectra", type=int, default=None)
     args = ap.parse_args()
 
-    obs, object_id = load_spectra(args.data, "desi", "desi_spectrum", max_spectra=args.max_spectra)
-    truth_cols = _read_truth(args.data)
-    row_of = {int(v): i for i, v in enumerate(np.asarray(truth_cols["desi_object_id"])) if v >= 0}
-    rows = np.array([row_of[int(o)] for o in object_id])
-    sub = {k: np.asarray(v)[rows] for k, v in truth_cols.items()}
-    truth = np.concatenate([noiseless_desi_spectra({k: v[s:s + 128] for k, v in sub.items()})
-                            for s in range(0, rows.size, 128)])
+    obs, sub, truth = load_mock_desi_with_truth(args.data, args.max_spectra)
     wave = desi_wavelength()
     present = np.nonzero(obs.present)[0]
     fit = np.zeros_like(truth)

@@ -46,21 +46,14 @@ def train_unrounded(recipe: str, data: str, out: str) -> Path:
 
 def check(tokenizer_dir: Path, data: str, max_spectra: int | None) -> dict[str, dict]:
     from aion.mock.spectra import desi_wavelength
-    from aion.mock.universe import noiseless_desi_spectra
     from aion.tokenizers import load_tokenizer
     from aion.tokenizers.quantizers import FSQ
-    from aion.tokenizers.spectrum import LINES_FOR_EVAL, _read_truth, line_fluxes, load_spectra, r2_scores
+    from aion.tokenizers.spectrum import LINES_FOR_EVAL, line_fluxes, load_mock_desi_with_truth, r2_scores
 
     tok = load_tokenizer(tokenizer_dir)
     if not isinstance(tok.model.quantizer, FSQ):
         raise SystemExit(f"{tokenizer_dir}: this check is for FSQ tokenizers")
-    obs, object_id = load_spectra(data, "desi", "desi_spectrum", max_spectra=max_spectra)
-    cols = _read_truth(data)
-    row_of = {int(v): i for i, v in enumerate(np.asarray(cols["desi_object_id"])) if v >= 0}
-    rows = np.array([row_of[int(o)] for o in object_id])
-    sub = {k: np.asarray(v)[rows] for k, v in cols.items()}
-    truth = np.concatenate([noiseless_desi_spectra({k: v[s:s + 128] for k, v in sub.items()})
-                            for s in range(0, rows.size, 128)])
+    obs, sub, truth = load_mock_desi_with_truth(data, max_spectra)
     wave, grid = desi_wavelength(), tok.wavelength
     present = obs.present
     prep = tok.prepare(obs)

@@ -935,6 +935,33 @@ def _pct(x: np.ndarray, qs: tuple[float, ...] = (5, 16, 50, 84, 95)) -> dict[str
     return {f"p{q:g}": float(np.percentile(x, q)) for q in qs} if x.size else {}
 
 
+def load_mock_desi_with_truth(data_dir: PathLike, max_spectra: int | None = None,
+                              ) -> tuple[SpectrumBatch, dict[str, np.ndarray], np.ndarray]:
+    """A mock universe's DESI spectra with their truth rows and noiseless spectra.
+
+    Returns (observed SpectrumBatch, truth columns row-aligned with it, noiseless flux (B, 7781) in
+    1e-17 erg/s/cm^2/A). Errors name the directory when a spectrum has no truth row or the grid
+    is not the mock's DESI grid.
+    """
+    from aion.mock.spectra import desi_wavelength
+    from aion.mock.universe import noiseless_desi_spectra
+
+    obs, object_id = load_spectra(data_dir, "desi", "desi_spectrum", max_spectra=max_spectra)
+    truth_cols = _read_truth(data_dir)
+    row_of = {int(v): i for i, v in enumerate(np.asarray(truth_cols["desi_object_id"])) if v >= 0}
+    missing = [int(o) for o in object_id if int(o) not in row_of]
+    if missing:
+        raise KeyError(f"{data_dir}: {len(missing)} DESI objects have no truth row (e.g. {missing[0]})")
+    rows = np.array([row_of[int(o)] for o in object_id])
+    sub = {k: np.asarray(v)[rows] for k, v in truth_cols.items()}
+    truth = np.concatenate([noiseless_desi_spectra({k: v[s:s + 128] for k, v in sub.items()})
+                            for s in range(0, rows.size, 128)])
+    n_wave = desi_wavelength().size
+    if obs.flux.shape[1] != n_wave:
+        raise ValueError(f"{data_dir}: DESI spectra have {obs.flux.shape[1]} pixels, expected {n_wave}")
+    return obs, sub, truth
+
+
 def evaluate_spectrum_tokenizer(tokenizer_dir: PathLike, data_dir: PathLike, out_dir: PathLike, *,
                                 max_objects: int | None = None, n_plots: int = 4) -> dict[str, Any]:
     """Reconstruction quality on held-out mock DESI spectra against their noiseless truth.
@@ -953,26 +980,14 @@ def evaluate_spectrum_tokenizer(tokenizer_dir: PathLike, data_dir: PathLike, out
     Writes ``metrics.json`` and ``overlay_*.png`` in ``out_dir``.
     """
     from aion.mock.spectra import desi_wavelength
-    from aion.mock.universe import noiseless_desi_spectra
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(tokenizer_dir)
     if not isinstance(tok, SpectrumTokenizer):
         raise TypeError(f"{tokenizer_dir} holds a {type(tok).__name__}, not a SpectrumTokenizer")
-    obs, object_id = load_spectra(data_dir, "desi", "desi_spectrum", max_spectra=max_objects)
-    truth_cols = _read_truth(data_dir)
-    row_of = {int(v): i for i, v in enumerate(np.asarray(truth_cols["desi_object_id"])) if v >= 0}
-    missing = [int(o) for o in object_id if int(o) not in row_of]
-    if missing:
-        raise KeyError(f"{data_dir}: {len(missing)} DESI objects have no truth row (e.g. {missing[0]})")
-    rows = np.array([row_of[int(o)] for o in object_id])
-    sub = {k: np.asarray(v)[rows] for k, v in truth_cols.items()}
-    truth = np.concatenate([noiseless_desi_spectra({k: v[s:s + 128] for k, v in sub.items()})
-                            for s in range(0, rows.size, 128)])
+    obs, sub, truth = load_mock_desi_with_truth(data_dir, max_objects)
     wave = desi_wavelength()
-    if obs.flux.shape[1] != wave.size:
-        raise ValueError(f"{data_dir}: DESI spectra have {obs.flux.shape[1]} pixels, expected {wave.size}")
 
     t0 = time.perf_counter()
     tokens = tok.encode(obs)
