@@ -273,6 +273,39 @@ def test_binned_chi2_matches_hand_computation_and_weights_coherent_residuals():
             SpectrumTokenizerConfig(**{**TINY, "binned_chi2_scales": bad})
 
 
+def test_quant_noise_skips_rounding_only_for_the_drawn_latents_and_only_in_training():
+    from aion.tokenizers.quantizers import FSQ
+
+    fsq = FSQ((8, 5, 3))
+    z = torch.randn(4, 6, 3) * 2
+    codes, idx = fsq.quantize(z)
+    skip = torch.zeros(4, 6, dtype=torch.bool)
+    skip[1, 2] = skip[3, 0] = True
+    mixed, mixed_idx = fsq.quantize(z, skip)
+    half = torch.tensor([4.0, 2.0, 1.0])
+    assert torch.equal(mixed_idx, idx)  # tokens are always the rounded ones
+    assert torch.equal(mixed[~skip], codes[~skip])
+    assert torch.allclose(mixed[skip], fsq._bound(z)[skip] / half)
+    assert not torch.allclose(mixed[skip], codes[skip])
+
+    data = _tiny_training_set(tiny(), 8, seed=7)
+    batch = {k: v for k, v in data.items() if k != "amp_index"}
+    plain = tiny(quantizer="fsq", fsq_levels=(5, 4, 3))
+    noisy = tiny(quantizer="fsq", fsq_levels=(5, 4, 3), quant_noise=0.5)
+    noisy.model.load_state_dict(plain.model.state_dict())
+    args = (batch["flux"], batch["ivar"], batch["valid"])
+    with torch.no_grad():
+        plain.model.eval(), noisy.model.eval()
+        assert torch.equal(noisy.model(*args)[0], plain.model(*args)[0])  # evaluation always rounds
+        noisy.model.train(), plain.model.train()
+        assert not torch.allclose(noisy.model(*args)[0], plain.model(*args)[0])
+        assert torch.equal(noisy.model(*args)[1], plain.model(*args)[1])
+    for bad, match in (({"quant_noise": 1.0, "quantizer": "fsq"}, "quant_noise"),
+                       ({"quant_noise": 0.3, "quantizer": "lfq"}, "needs quantizer 'fsq'")):
+        with pytest.raises(ValueError, match=match):
+            SpectrumTokenizerConfig(**{**TINY, **bad})
+
+
 # ----------------------------------------------------------------------------- persistence / contract
 def test_save_load_round_trip_and_inputs_untouched(tmp_path):
     tok = tiny(quantizer="fsq", fsq_levels=(5, 4, 3))

@@ -65,13 +65,18 @@ class FSQ(nn.Module):
         shift = torch.atanh(offset / half_l)
         return torch.tanh(z + shift) * half_l - offset
 
-    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize(self, x: torch.Tensor, unrounded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``unrounded`` (boolean, ``x.shape[:-1]``): vectors whose codes skip the rounding (training-time
+        quantization noise); their indices are still those of the rounded vector."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"FSQ: expected last dimension {self.dim}, got {tuple(x.shape)}")
         with torch.autocast(device_type=x.device.type, enabled=False):
-            q = _round_ste(self._bound(x.float()))  # integers centred on 0
+            bounded = self._bound(x.float())
+            q = _round_ste(bounded)  # integers centred on 0
             half_width = torch.div(self._levels, 2, rounding_mode="floor")
             codes = q / half_width
+            if unrounded is not None:
+                codes = torch.where(unrounded[..., None], bounded / half_width, codes)
             digits = (q + half_width).round().long()
             indices = (digits * self._basis).sum(dim=-1)
         return codes, indices
