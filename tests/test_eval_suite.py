@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,6 +109,11 @@ def test_suite_cli_baselines_only_and_errors(world, tmp_path, capsys):
         run_suite(_cfg(), world["data"], tmp_path / "x", progress=False)
     assert load_suite("evaluation/full.yaml").finetune == ("lora", "full")
     assert load_suite("evaluation/quick.yaml").seeds == (0,)
+    shipped = sorted(Path("evaluation").glob("*.yaml"))
+    assert len(shipped) >= 7
+    for path in shipped:  # every suite the docs point to parses, with known targets and input sets
+        suite = load_suite(str(path))
+        assert suite.targets and suite.input_sets and suite.sizes and suite.seeds, path
 
 
 def test_resuming_with_another_setup_is_refused(world, tmp_path):
