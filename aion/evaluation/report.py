@@ -78,6 +78,34 @@ def label_efficiency(agg: dict[tuple, dict[str, float]]) -> list[dict[str, Any]]
     return rows
 
 
+def ten_times_goal(agg: dict[tuple, dict[str, float]]) -> list[dict[str, Any]]:
+    """The suite's goal, per target and size N whose 10N was also run: the best foundation-model row
+    (any method, any inputs) with N labels against the best baseline (any method, any inputs) with 10N.
+
+    Rows compare means over seeds; ``met`` is True when the foundation model's mean is at least the
+    baseline's. Sizes are compared as requested (an ``"all"`` size never stands in for 10N)."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for (target, input_set, method, size), v in agg.items():
+        if method == "constant" or not math.isfinite(v["mean"]) or size == "all":
+            continue
+        key = (target, v["family"], int(size))
+        if key not in best or v["mean"] > best[key]["mean"]:
+            best[key] = {**v, "method": method, "input_set": input_set}
+    rows = []
+    for (target, family, n), fm in sorted(best.items()):
+        base = best.get((target, "baseline", 10 * n))
+        if family != "foundation model" or base is None:
+            continue
+        rows.append({"target": target, "n": n, "fm": fm, "baseline_10n": base, "met": fm["mean"] >= base["mean"]})
+    return rows
+
+
+def _r2_cell(v: dict[str, Any] | None) -> str:
+    if v is None or not math.isfinite(v["mean"]):
+        return "-"
+    return f"{v['mean']:.3f}" + (f" +- {v['std']:.3f}" if v["n_seeds"] > 1 else "")
+
+
 def render_markdown(records: Sequence[dict[str, Any]], meta: dict[str, Any], plots: Sequence[str]) -> str:
     agg = aggregate(records)
     targets = sorted({r["target"] for r in records}, key=lambda t: list(SHORT).index(t) if t in SHORT else 99)
@@ -94,17 +122,36 @@ def render_markdown(records: Sequence[dict[str, Any]], meta: dict[str, Any], plo
     for family, input_set, method in rows:
         cells = []
         for t in targets:
-            v = agg.get((t, input_set, method, "all"))
-            if v is None or not math.isfinite(v["mean"]):
-                cells.append("-")
-            else:
-                cells.append(f"{v['mean']:.3f}" + (f" +- {v['std']:.3f}" if v["n_seeds"] > 1 else ""))
+            cells.append(_r2_cell(agg.get((t, input_set, method, "all"))))
         lines.append(f"| {family} | {input_set} | {method} | " + " | ".join(cells) + " |")
     ceil = ceilings(agg)
     if ceil:
         lines += ["", "Ceiling (best from-scratch baseline with all labels): " + "; ".join(
             f"{short(t)} {c['r2']:.3f} ({c['method']}, {c['input_set']}, {c['n_labels']} labels)"
             for t, c in ceil.items()), ""]
+    sizes = sorted({r["size"] for r in records}, key=_size_key)
+    if len(sizes) > 1:
+        lines += ["## R^2 by number of training labels (mean +- std over seeds)", ""]
+        for t in targets:
+            lines += [f"**{short(t)}**", "", "| family | inputs | method | " + " | ".join(map(str, sizes)) + " |",
+                      "|---|---|---|" + "---|" * len(sizes)]
+            for family, input_set, method in rows:
+                cells = [_r2_cell(agg.get((t, input_set, method, n))) for n in sizes]
+                if any(c != "-" for c in cells):
+                    lines.append(f"| {family} | {input_set} | {method} | " + " | ".join(cells) + " |")
+            lines.append("")
+    goal = ten_times_goal(agg)
+    if goal:
+        lines += ["## The goal: the foundation model with N labels against the best baseline with 10N", "",
+                  "Best foundation-model row (any head, any inputs) with N labels against the best from-scratch "
+                  "baseline (any method, any inputs) with 10N; mean +- std over seeds.", "",
+                  "| target | N | foundation model, N labels | best baseline, 10N labels | met |",
+                  "|---|---|---|---|---|"]
+        for g in goal:
+            fm, base = g["fm"], g["baseline_10n"]
+            lines.append(f"| {short(g['target'])} | {g['n']} | {_r2_cell(fm)} ({fm['method']}, {fm['input_set']}) | "
+                         f"{_r2_cell(base)} ({base['method']}, {base['input_set']}) | {'yes' if g['met'] else 'no'} |")
+        lines.append("")
     eff = label_efficiency(agg)
     if eff:
         lines += ["## Label efficiency", "",
