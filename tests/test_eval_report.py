@@ -44,5 +44,7 @@ def test_goal_compares_best_fm_at_n_with_best_baseline_at_10n():
 def test_report_has_the_by_size_table_and_the_goal():
     text = render_markdown(_records(), {"suite": "t", "seeds": [0, 1]}, [])
     assert "## R^2 by number of training labels" in text
-    assert "| foundation model | photometry+image | FM linear | 0.520 +- 0.028 | 0.570 +- 0.028 | - | 0.600 +- 0.000 |" in text
-    assert "| sSFR | 100 | 0.520 +- 0.028 (FM linear, photometry+image) | 0.460 +- 0.028 (MLP, photometry) | yes |" in text
+    row = "| foundation model | photometry+image | FM linear | 0.520 +- 0.028 | 0.570 +- 0.028 | - | 0.600 +- 0.000 |"
+    assert row in text
+    goal = "| sSFR | 100 | 0.520 +- 0.028 (FM linear, photometry+image) | 0.460 +- 0.028 (MLP, photometry) | yes |"
+    assert goal in text
