@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,18 @@ def _r2_cell(v: dict[str, Any] | None) -> str:
     return f"{v['mean']:.3f}" + (f" +- {v['std']:.3f}" if v["n_seeds"] > 1 else "")
 
 
+def _r2_table(agg: dict[tuple, dict[str, float]], rows: Sequence[tuple[str, str, str]], headers: Sequence[str],
+              keys_of: Callable[[str, str], list[tuple]], *, skip_empty: bool = False) -> list[str]:
+    """Markdown rows (family, inputs, method) x ``headers``; ``keys_of(input_set, method)`` gives the agg key of
+    each column. ``skip_empty`` drops rows with no number in any column."""
+    lines = ["| family | inputs | method | " + " | ".join(headers) + " |", "|---|---|---|" + "---|" * len(headers)]
+    for family, input_set, method in rows:
+        cells = [_r2_cell(agg.get(key)) for key in keys_of(input_set, method)]
+        if not skip_empty or any(c != "-" for c in cells):
+            lines.append(f"| {family} | {input_set} | {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(records: Sequence[dict[str, Any]], meta: dict[str, Any], plots: Sequence[str]) -> str:
     agg = aggregate(records)
     targets = sorted({r["target"] for r in records}, key=lambda t: list(SHORT).index(t) if t in SHORT else 99)
@@ -116,14 +128,8 @@ def render_markdown(records: Sequence[dict[str, Any]], meta: dict[str, Any], plo
         lines += [meta["headline"], ""]
     lines += [f"Model `{meta.get('model')}`; labelled data `{meta.get('data')}` ({meta.get('n_labelled')} labelled "
               f"objects, test set {meta.get('n_test')} fixed by object id); seeds {meta.get('seeds')}.", "",
-              "## R^2 on the test set with all training labels (mean +- std over seeds when there are several)", "",
-              "| family | inputs | method | " + " | ".join(short(t) for t in targets) + " |",
-              "|---|---|---|" + "---|" * len(targets)]
-    for family, input_set, method in rows:
-        cells = []
-        for t in targets:
-            cells.append(_r2_cell(agg.get((t, input_set, method, "all"))))
-        lines.append(f"| {family} | {input_set} | {method} | " + " | ".join(cells) + " |")
+              "## R^2 on the test set with all training labels (mean +- std over seeds when there are several)", ""]
+    lines += _r2_table(agg, rows, [short(t) for t in targets], lambda i, m: [(t, i, m, "all") for t in targets])
     ceil = ceilings(agg)
     if ceil:
         lines += ["", "Ceiling (best from-scratch baseline with all labels): " + "; ".join(
@@ -133,12 +139,9 @@ def render_markdown(records: Sequence[dict[str, Any]], meta: dict[str, Any], plo
     if len(sizes) > 1:
         lines += ["## R^2 by number of training labels (mean +- std over seeds)", ""]
         for t in targets:
-            lines += [f"**{short(t)}**", "", "| family | inputs | method | " + " | ".join(map(str, sizes)) + " |",
-                      "|---|---|---|" + "---|" * len(sizes)]
-            for family, input_set, method in rows:
-                cells = [_r2_cell(agg.get((t, input_set, method, n))) for n in sizes]
-                if any(c != "-" for c in cells):
-                    lines.append(f"| {family} | {input_set} | {method} | " + " | ".join(cells) + " |")
+            lines += [f"**{short(t)}**", ""]
+            lines += _r2_table(agg, rows, [str(n) for n in sizes],
+                               lambda i, m, t=t: [(t, i, m, n) for n in sizes], skip_empty=True)
             lines.append("")
     goal = ten_times_goal(agg)
     if goal:
