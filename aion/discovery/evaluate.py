@@ -390,6 +390,10 @@ def add_parser(sub) -> None:
     p.add_argument("--flow-components", type=int, default=None,
                    help="leading principal components the flow models (default: all; FlowConfig.components)")
     p.add_argument("--flow-hidden", type=int, default=None, help="flow network width (default: FlowConfig's)")
+    p.add_argument("--flow-data-noise", type=float, default=None,
+                   help="FlowConfig.data_noise: smoothing of the modelled density (default 0)")
+    p.add_argument("--flow-cond-noise", type=float, default=None,
+                   help="FlowConfig.cond_noise: jitter of the standardized conditions in training (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_discovery_eval)
@@ -399,7 +403,8 @@ def _cmd_discovery_eval(args) -> int:
     from aion.discovery.tables import parse_columns
 
     flow = {k: v for k, v in (("steps", args.flow_steps), ("components", args.flow_components),
-                              ("hidden", args.flow_hidden)) if v is not None}
+                              ("hidden", args.flow_hidden), ("data_noise", args.flow_data_noise),
+                              ("cond_noise", args.flow_cond_noise)) if v is not None}
     try:
         guidance = tuple(float(g) for g in parse_columns(args.guidance, "--guidance"))
     except ValueError as err:

@@ -108,6 +108,15 @@ class FlowConfig:
     the flow keeps, noise weighs as much as signal: on a 128-dim embedding whose hidden signal lives in
     a few leading directions, k-NN and ridge probes could no longer find it among 128 unit-variance
     dimensions (docs/discovery.md). Needs ``whiten``."""
+    data_noise: float = 0.0
+    """Std of Gaussian noise added to each (whitened) training target: the flow then models the data density
+    smoothed on this scale and its map stays smooth below it, so small differences between similar objects
+    (a hidden property) are carried into the residual instead of being scrambled. 0: off (docs/discovery.md)."""
+    cond_noise: float = 0.0
+    """Std of Gaussian noise added to each training example's (standardized) conditions. With continuous
+    conditions nearly every object has its own value, so a flow can learn p(x | c) per object (memorize) and
+    map the data through a map that changes wildly between nearby c; jitter makes it model p(x | c) smoothed
+    over this width of c instead. 0: off (docs/discovery.md)."""
     chunk_size: int = 4096
     """Rows per inference chunk (log_prob uses a smaller one: its Jacobians are D times larger)."""
 
@@ -131,6 +140,10 @@ class FlowConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"FlowConfig.{name}: expected a number > 0, got {value!r}")
+        if not (math.isfinite(self.cond_noise) and self.cond_noise >= 0):
+            raise ValueError(f"FlowConfig.cond_noise: expected a number >= 0, got {self.cond_noise!r}")
+        if not (math.isfinite(self.data_noise) and self.data_noise >= 0):
+            raise ValueError(f"FlowConfig.data_noise: expected a number >= 0, got {self.data_noise!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"FlowConfig.weight_decay: expected a number >= 0, got {self.weight_decay!r}")
         if not 0.0 < self.whiten_floor < 1.0:
@@ -420,7 +433,11 @@ class ConditionalFlow:
             t = torch.rand(batch, generator=gen).to(device)
             drop = (torch.rand(batch, generator=gen) < cfg.cond_dropout).to(device)
             x1 = x_train[idx.to(device)]
+            if cfg.data_noise > 0:  # drawn only when on, so the default run's random stream is unchanged
+                x1 = x1 + cfg.data_noise * torch.randn(x1.shape, generator=gen).to(device)
             cb = None if c_train is None else c_train[idx.to(device)]
+            if cb is not None and cfg.cond_noise > 0:
+                cb = cb + cfg.cond_noise * torch.randn(cb.shape, generator=gen).to(device)
             loss = _fm_loss(net, x1, cb, noise, t, drop)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -144,6 +144,12 @@ def add_parser(sub) -> None:
     p.add_argument("--components", type=int, default=None,
                    help="model only this many leading principal components; the residuals then have this many "
                         "dimensions (default: all; try 16-32 for embeddings of 128 dimensions or more)")
+    p.add_argument("--data-noise", type=float, default=None,
+                   help="std of noise added to the (whitened) training embeddings, e.g. 0.3: a smoother map "
+                        "that keeps more of what is not conditioned on and removes the conditions less "
+                        "(default 0; docs/discovery.md)")
+    p.add_argument("--cond-noise", type=float, default=None,
+                   help="std of noise added to the standardized conditions in training (default 0)")
     p.add_argument("--ode-steps", type=int, default=None, help=f"fixed RK4 steps (default {FlowConfig.ode_steps})")
     p.add_argument("--flow", type=Path, default=None, help="reuse this trained flow folder instead of fitting one")
     p.add_argument("--flow-out", type=Path, default=None,
@@ -159,21 +165,16 @@ def _cmd_residualize(args: argparse.Namespace) -> int:
     try:
         if args.ode_steps is not None and args.ode_steps < 1:
             raise ValueError(f"--ode-steps must be >= 1, got {args.ode_steps}")
-        cfg = None
-        if args.steps is not None or args.seed is not None or args.components is not None:
-            cfg = FlowConfig()
-            if args.components is not None:
-                if args.flow is not None:
-                    raise ValueError("--components is a training option; a reused --flow keeps its own")
-                cfg = dataclasses.replace(cfg, components=args.components)
-            if args.steps is not None:
-                if args.steps < 1:
-                    raise ValueError(f"--steps must be >= 1, got {args.steps}")
-                cfg = dataclasses.replace(cfg, steps=args.steps)
-            if args.seed is not None:
-                if args.seed < 0:
-                    raise ValueError(f"--seed must be >= 0, got {args.seed}")
-                cfg = dataclasses.replace(cfg, seed=args.seed)
+        training = {name: value for name, value in (
+            ("steps", args.steps), ("seed", args.seed), ("components", args.components),
+            ("data_noise", args.data_noise), ("cond_noise", args.cond_noise)) if value is not None}
+        if args.components is not None and args.flow is not None:
+            raise ValueError("--components is a training option; a reused --flow keeps its own")
+        for name in ("steps", "seed"):
+            low = 1 if name == "steps" else 0
+            if name in training and training[name] < low:
+                raise ValueError(f"--{name} must be >= {low}, got {training[name]}")
+        cfg = dataclasses.replace(FlowConfig(), **training) if training else None
         if args.ode_steps is not None and args.flow is None:
             cfg = dataclasses.replace(cfg or FlowConfig(), ode_steps=args.ode_steps)
         result = residualize(args.embeddings, args.catalogue, parse_columns(args.condition), out=args.out,
