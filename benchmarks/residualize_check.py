@@ -68,6 +68,21 @@ def conditional_affine(x: np.ndarray, c: np.ndarray, k: int, components: int = 1
     return out
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings to FlowConfig overrides, each value cast to the field's type."""
+    overrides = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        default = getattr(FlowConfig(), key)
+        if value.lower() == "none":
+            overrides[key] = None
+        elif isinstance(default, bool):
+            overrides[key] = value.lower() in ("1", "true", "yes")
+        else:  # an optional field (default None) takes an integer
+            overrides[key] = int(value) if default is None else type(default)(value)
+    return overrides
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--embeddings", required=True)
@@ -90,16 +105,7 @@ def main() -> None:
     ok = np.all([np.isfinite(cols[k]) for k in cond + keep], axis=0)
     x = emb.vectors[ok]
     c = np.stack([cols[k][ok] for k in cond], axis=1)
-    overrides = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        default = getattr(FlowConfig(), key)
-        if value.lower() == "none":
-            overrides[key] = None
-        elif isinstance(default, bool):
-            overrides[key] = value.lower() in ("1", "true", "yes")
-        else:  # an optional field (default None) takes an integer
-            overrides[key] = int(value) if default is None else type(default)(value)
+    overrides = parse_overrides(args.set)
     cfg = dataclasses.replace(FlowConfig(seed=args.seed), **overrides)
     print(f"{int(ok.sum())} objects x {x.shape[1]} dims, conditions {cond}, torch threads {torch.get_num_threads()}")
     print(f"config: {cfg}")

@@ -13,7 +13,7 @@ from scipy.linalg import expm
 from scipy.stats import multivariate_normal, spearmanr
 from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import cross_val_score
-from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor, NearestNeighbors
 
 from aion.cli import main
 from aion.discovery.flow import ConditionalFlow, FlowConfig, integrate
@@ -256,6 +256,31 @@ def test_cond_noise_still_removes_a_continuous_condition():
     assert cross_val_score(ridge, r, hidden, cv=5, scoring="r2").mean() >= 0.9
 
 
+def test_forget_r2_stops_at_the_first_flow_that_forgets(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 1500
+    cond, hidden = rng.standard_normal(n), rng.standard_normal(n)
+    x = np.stack([2 * cond + 0.5 * rng.standard_normal(n), hidden], 1).astype(np.float32)
+    cfg = FlowConfig(hidden=64, depth=2, steps=2000, batch_size=256, lr=3e-3, ode_steps=8, forget_r2=0.1,
+                     log_every=25, forget_check_every=25)
+    flow = ConditionalFlow.fit(x, cond[:, None], cfg, progress=False)
+    hist = flow.history
+    assert hist.stopped_at is not None and hist.stopped_at < cfg.steps and hist.stopped_at == hist.forget_step[-1]
+    assert hist.forget_r2[-1] <= 0.1 and all(r > 0.1 for r in hist.forget_r2[:-1])
+    assert hist.step[-1] == hist.stopped_at  # the loss record ends where training did
+    r = flow.to_base(x, cond[:, None])
+    knn = KNeighborsRegressor(15)
+    assert cross_val_score(knn, r, cond, cv=5, scoring="r2").mean() <= 0.15
+    assert cross_val_score(knn, r, hidden, cv=5, scoring="r2").mean() >= 0.9
+    assert ConditionalFlow.load(flow.save(tmp_path / "f")).history.stopped_at == hist.stopped_at
+    with pytest.raises(ValueError, match="forget_r2 .*needs conditions"):
+        ConditionalFlow.fit(x, None, cfg, progress=False)
+    with pytest.raises(ValueError, match="forget_r2"):
+        FlowConfig(forget_r2=1.5)
+    with pytest.raises(ValueError, match="forget_check_every"):
+        FlowConfig(forget_check_every=30)
+
+
 def test_fit_rejects_bad_input():
     x = np.random.default_rng(0).standard_normal((50, 3))
     with pytest.raises(ValueError, match="cond_dropout"):
@@ -326,6 +351,11 @@ def test_cli_writes_residuals_and_reuses_the_flow(tables, capsys):
                 "Z,LOG_MSTAR", "--steps", "30", "--ode-steps", "4", "--data-noise", "0.3", "--cond-noise", "0.1",
                 "--out", str(smooth)) == 0
     saved = json.loads((d / "smooth.flow" / "config.json").read_text())["config"]
+    capsys.readouterr()
+    assert _run("--embeddings", str(d / "emb.parquet"), "--catalogue", str(d / "cat.parquet"), "--condition",
+                "Z,LOG_MSTAR", "--steps", "100", "--ode-steps", "4", "--stop-when-forgotten", "-5",
+                "--out", str(smooth)) == 0  # an R^2 no probe gets below: trains all steps, and says so
+    assert "WARNING: the conditions were not forgotten within 100 steps" in capsys.readouterr().out
     assert saved["data_noise"] == 0.3 and saved["cond_noise"] == 0.1 and saved["steps"] == 30
     with pytest.raises(SystemExit, match="data_noise"):
         _run("--embeddings", str(d / "emb.parquet"), "--catalogue", str(d / "cat.parquet"), "--condition",

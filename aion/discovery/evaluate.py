@@ -394,6 +394,9 @@ def add_parser(sub) -> None:
                    help="FlowConfig.data_noise: smoothing of the modelled density (default 0)")
     p.add_argument("--flow-cond-noise", type=float, default=None,
                    help="FlowConfig.cond_noise: jitter of the standardized conditions in training (default 0)")
+    p.add_argument("--flow-forget-r2", type=float, default=None,
+                   help="FlowConfig.forget_r2: stop the flow's training once held-out residuals forget the "
+                        "conditions to this 15-NN R^2 (default: train all steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_discovery_eval)
@@ -404,7 +407,8 @@ def _cmd_discovery_eval(args) -> int:
 
     flow = {k: v for k, v in (("steps", args.flow_steps), ("components", args.flow_components),
                               ("hidden", args.flow_hidden), ("data_noise", args.flow_data_noise),
-                              ("cond_noise", args.flow_cond_noise)) if v is not None}
+                              ("cond_noise", args.flow_cond_noise), ("forget_r2", args.flow_forget_r2))
+            if v is not None}
     try:
         guidance = tuple(float(g) for g in parse_columns(args.guidance, "--guidance"))
     except ValueError as err:

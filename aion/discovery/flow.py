@@ -117,11 +117,20 @@ class FlowConfig:
     conditions nearly every object has its own value, so a flow can learn p(x | c) per object (memorize) and
     map the data through a map that changes wildly between nearby c; jitter makes it model p(x | c) smoothed
     over this width of c instead. 0: off (docs/discovery.md)."""
+    forget_r2: float | None = None
+    """Stop training at the first check where a 15-NN probe, cross-validated on the held-out objects'
+    residuals (guidance 1), predicts no condition with R^2 above this (e.g. 0.1). Every extra step of a flow
+    that already forgets the conditions scrambles more of what it should keep (docs/discovery.md), and
+    forgetting is measurable without any hidden truth, so this picks the least-trained flow that forgets.
+    None: train all ``steps``. Needs conditions and held-out objects."""
+    forget_check_every: int = 50
+    """Steps between those checks; a multiple of ``log_every``."""
     chunk_size: int = 4096
     """Rows per inference chunk (log_prob uses a smaller one: its Jacobians are D times larger)."""
 
     def __post_init__(self) -> None:
-        positive = ("hidden", "depth", "time_freqs", "steps", "batch_size", "log_every", "ode_steps", "chunk_size")
+        positive = ("hidden", "depth", "time_freqs", "steps", "batch_size", "log_every", "ode_steps", "chunk_size",
+                    "forget_check_every")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -140,6 +149,12 @@ class FlowConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"FlowConfig.{name}: expected a number > 0, got {value!r}")
+        if self.forget_r2 is not None and not (isinstance(self.forget_r2, int | float)
+                                               and math.isfinite(self.forget_r2) and self.forget_r2 < 1):
+            raise ValueError(f"FlowConfig.forget_r2: expected None or an R^2 below 1, got {self.forget_r2!r}")
+        if self.forget_check_every % self.log_every:
+            raise ValueError(f"FlowConfig.forget_check_every: expected a multiple of log_every ({self.log_every}), "
+                             f"got {self.forget_check_every}")
         if not (math.isfinite(self.cond_noise) and self.cond_noise >= 0):
             raise ValueError(f"FlowConfig.cond_noise: expected a number >= 0, got {self.cond_noise!r}")
         if not (math.isfinite(self.data_noise) and self.data_noise >= 0):
@@ -249,6 +264,11 @@ class FlowHistory:
     val_loss: list[float] = field(default_factory=list)
     n_train: int = 0
     n_val: int = 0
+    forget_step: list[int] = field(default_factory=list)
+    """Steps of the ``forget_r2`` checks, and the worst held-out 15-NN R^2 of any condition at each."""
+    forget_r2: list[float] = field(default_factory=list)
+    stopped_at: int | None = None
+    """The step training stopped at because the conditions were forgotten; None: it ran all its steps."""
 
     @property
     def final_loss(self) -> float:
@@ -261,6 +281,7 @@ class FlowHistory:
 
 _VAL_EVAL_MAX = 8192  # held-out rows scored at each log step (see FlowHistory)
 _CHECK_ROWS = 65536  # rows per block when scanning inputs, so checks never copy a whole 1e6 x D array
+_FORGET_MIN_ROWS = 20  # held-out objects a forget_r2 check needs: 5 folds that leave 15 neighbours
 
 
 def _as_matrix(a: np.ndarray | None, name: str, rows: int | None = None) -> np.ndarray | None:
@@ -365,6 +386,9 @@ class ConditionalFlow:
         if len(names) != cond_dim:
             raise ValueError(f"condition_names: expected {cond_dim} names (one per column of c), got {names}")
         n_val = int(round(cfg.val_fraction * n))
+        if cfg.forget_r2 is not None and (cond_dim == 0 or n_val < _FORGET_MIN_ROWS):
+            raise ValueError(f"FlowConfig.forget_r2 is checked on held-out objects' residuals: it needs conditions "
+                             f"and at least {_FORGET_MIN_ROWS} held-out objects (val_fraction x {n} = {n_val})")
         if cfg.val_fraction > 0 and n_val < 1:
             raise ValueError(f"x: {n} objects leave none for validation at val_fraction={cfg.val_fraction}")
         if n - n_val < 2:
@@ -462,6 +486,12 @@ class ConditionalFlow:
                 bar.set_postfix(loss=f"{history.loss[-1]:.4f}")
                 running, counted = 0.0, 0
             bar.update(1)
+            if cfg.forget_r2 is not None and (step + 1) % cfg.forget_check_every == 0:
+                history.forget_step.append(step + 1)
+                history.forget_r2.append(_condition_leak(ema, val[0], val[1], cfg))
+                if history.forget_r2[-1] <= cfg.forget_r2:
+                    history.stopped_at = step + 1
+                    break
         bar.close()
         return cls(ema, cfg, x_mean, x_std, c_mean, c_std, names, history, x_rotation)
 
@@ -634,6 +664,19 @@ def _fm_loss(net: VelocityNet, x1: torch.Tensor, c: torch.Tensor | None, noise: 
              drop: torch.Tensor) -> torch.Tensor:
     xt = (1.0 - t[:, None]) * noise + t[:, None] * x1
     return ((net(xt, t, c, drop) - (x1 - noise)) ** 2).mean()
+
+
+def _condition_leak(net: VelocityNet, x: torch.Tensor, c: torch.Tensor, cfg: FlowConfig) -> float:
+    """Worst 5-fold CV R^2 of a 15-NN regressor predicting any condition from the residuals of ``x``."""
+    from sklearn.model_selection import KFold, cross_val_score
+    from sklearn.neighbors import KNeighborsRegressor
+
+    with torch.no_grad():
+        r = integrate(lambda z, t: _guided(net, z, t, c, 1.0), x, 1.0, 0.0, cfg.ode_steps, cfg.ode_method)
+    r, cn = r.cpu().numpy(), c.cpu().numpy()
+    folds = KFold(5, shuffle=True, random_state=cfg.seed)
+    return max(float(cross_val_score(KNeighborsRegressor(15), r, cn[:, j], cv=folds, scoring="r2").mean())
+               for j in range(cn.shape[1]))
 
 
 def _guided(net: VelocityNet, x: torch.Tensor, t: float, c: torch.Tensor | None, guidance: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,9 @@ class ResidualizeResult:
     trained: bool
     train_loss: float
     val_loss: float
+    forget_checks: list[tuple[int, float]] = field(default_factory=list)
+    """(step, worst held-out 15-NN R^2 of the conditions) of each ``forget_r2`` check in training."""
+    stopped_at: int | None = None
 
 
 def _stem(path: Path) -> str:
@@ -120,7 +123,9 @@ def residualize(embeddings: os.PathLike | str, catalogue: os.PathLike | str, con
     with TableWriter(out, metadata=meta) as writer:
         writer.append({"object_id": emb.ids, "embedding": residual})
     return ResidualizeResult(out=out, flow_dir=saved, n_objects=len(emb), dropped=emb.dropped, trained=trained,
-                             train_loss=flow.history.final_loss, val_loss=flow.history.final_val_loss)
+                             train_loss=flow.history.final_loss, val_loss=flow.history.final_val_loss,
+                             forget_checks=list(zip(flow.history.forget_step, flow.history.forget_r2, strict=True))
+                             if trained else [], stopped_at=flow.history.stopped_at if trained else None)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -150,6 +155,10 @@ def add_parser(sub) -> None:
                         "(default 0; docs/discovery.md)")
     p.add_argument("--cond-noise", type=float, default=None,
                    help="std of noise added to the standardized conditions in training (default 0)")
+    p.add_argument("--stop-when-forgotten", type=float, default=None, metavar="R2",
+                   help="stop training once a 15-NN probe on held-out objects' residuals predicts no condition "
+                        "with R^2 above this, e.g. 0.1 (--steps is then the most it trains); each further step "
+                        "scrambles more of what is not conditioned on (docs/discovery.md)")
     p.add_argument("--ode-steps", type=int, default=None, help=f"fixed RK4 steps (default {FlowConfig.ode_steps})")
     p.add_argument("--flow", type=Path, default=None, help="reuse this trained flow folder instead of fitting one")
     p.add_argument("--flow-out", type=Path, default=None,
@@ -167,7 +176,8 @@ def _cmd_residualize(args: argparse.Namespace) -> int:
             raise ValueError(f"--ode-steps must be >= 1, got {args.ode_steps}")
         training = {name: value for name, value in (
             ("steps", args.steps), ("seed", args.seed), ("components", args.components),
-            ("data_noise", args.data_noise), ("cond_noise", args.cond_noise)) if value is not None}
+            ("data_noise", args.data_noise), ("cond_noise", args.cond_noise),
+            ("forget_r2", args.stop_when_forgotten)) if value is not None}
         if args.components is not None and args.flow is not None:
             raise ValueError("--components is a training option; a reused --flow keeps its own")
         for name in ("steps", "seed"):
@@ -186,6 +196,13 @@ def _cmd_residualize(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     print(f"objects: {result.n_objects} residualized, {result.dropped} embedding row(s) dropped (failed)")
+    if result.forget_checks:
+        step, r2 = result.forget_checks[-1]
+        if result.stopped_at is not None:
+            print(f"flow: stopped at step {step}: held-out 15-NN R^2 of the conditions {r2:.3f}")
+        else:
+            print(f"WARNING: the conditions were not forgotten within {step} steps: held-out 15-NN R^2 {r2:.3f} "
+                  "is above --stop-when-forgotten; train longer (--steps) or accept the leak")
     what = "fitted and saved to" if result.trained else "reused from"
     print(f"flow: {what} {result.flow_dir}; final train loss {result.train_loss:.4f}, "
           f"validation loss {result.val_loss:.4f}")
