@@ -78,8 +78,11 @@ def parse_overrides(items: list[str]) -> dict:
             overrides[key] = None
         elif isinstance(default, bool):
             overrides[key] = value.lower() in ("1", "true", "yes")
-        else:  # an optional field (default None) takes an integer
-            overrides[key] = int(value) if default is None else type(default)(value)
+        elif default is None:  # an optional field: its annotation says int or float
+            annotation = str(next(f.type for f in dataclasses.fields(FlowConfig) if f.name == key))
+            overrides[key] = float(value) if "float" in annotation else int(value)
+        else:
+            overrides[key] = type(default)(value)
     return overrides
 
 

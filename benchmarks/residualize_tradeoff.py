@@ -80,6 +80,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
         rep = flow.to_base(x, c, guidance=args.guidance)
         name = ", ".join(f"{k}={v}" for k, v in point.items()) or "base settings"
+        if flow.history.stopped_at is not None:  # forget_r2: where training stopped is part of the setting
+            name += f" (stopped at step {flow.history.stopped_at})"
         rows.append((name, *score(rep, conds, kept, args.seed), seconds))
         print(f"  {name}: forget {rows[-1][1]:.3f}, keep {rows[-1][2]:.3f} ({seconds:.0f} s fit)", flush=True)
 

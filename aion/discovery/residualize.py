@@ -156,9 +156,10 @@ def add_parser(sub) -> None:
     p.add_argument("--cond-noise", type=float, default=None,
                    help="std of noise added to the standardized conditions in training (default 0)")
     p.add_argument("--stop-when-forgotten", type=float, default=None, metavar="R2",
-                   help="stop training once a 15-NN probe on held-out objects' residuals predicts no condition "
-                        "with R^2 above this, e.g. 0.1 (--steps is then the most it trains); each further step "
-                        "scrambles more of what is not conditioned on (docs/discovery.md)")
+                   help="stop training once a 15-NN probe on residuals of up to 16,384 objects (held-out ones "
+                        "first) predicts no condition with R^2 above this, e.g. 0.1 (--steps is then the most it "
+                        "trains); each further step scrambles more of what is not conditioned on "
+                        "(docs/discovery.md)")
     p.add_argument("--ode-steps", type=int, default=None, help=f"fixed RK4 steps (default {FlowConfig.ode_steps})")
     p.add_argument("--flow", type=Path, default=None, help="reuse this trained flow folder instead of fitting one")
     p.add_argument("--flow-out", type=Path, default=None,
@@ -199,9 +200,9 @@ def _cmd_residualize(args: argparse.Namespace) -> int:
     if result.forget_checks:
         step, r2 = result.forget_checks[-1]
         if result.stopped_at is not None:
-            print(f"flow: stopped at step {step}: held-out 15-NN R^2 of the conditions {r2:.3f}")
+            print(f"flow: stopped at step {step}: 15-NN R^2 of the conditions from residuals {r2:.3f}")
         else:
-            print(f"WARNING: the conditions were not forgotten within {step} steps: held-out 15-NN R^2 {r2:.3f} "
+            print(f"WARNING: the conditions were not forgotten within {step} steps: 15-NN R^2 {r2:.3f} "
                   "is above --stop-when-forgotten; train longer (--steps) or accept the leak")
     what = "fitted and saved to" if result.trained else "reused from"
     print(f"flow: {what} {result.flow_dir}; final train loss {result.train_loss:.4f}, "
