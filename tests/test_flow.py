@@ -279,6 +279,8 @@ def test_forget_r2_stops_at_the_first_flow_that_forgets(tmp_path):
         FlowConfig(forget_r2=1.5)
     with pytest.raises(ValueError, match="forget_check_every"):
         FlowConfig(forget_check_every=30)
+    with pytest.raises(ValueError, match="forget_check_rows"):
+        FlowConfig(forget_check_rows=10)
 
 
 def test_fit_rejects_bad_input():

@@ -122,7 +122,7 @@ class FlowConfig:
     ``forget_check_rows`` objects, predicts no condition with R^2 above this (e.g. 0.1). Every extra step of a flow
     that already forgets the conditions scrambles more of what it should keep (docs/discovery.md), and
     forgetting is measurable without any hidden truth, so this picks the least-trained flow that forgets.
-    None: train all ``steps``. Needs conditions and held-out objects."""
+    None: train all ``steps``. Needs conditions."""
     forget_check_every: int = 50
     """Steps between those checks; a multiple of ``log_every``."""
     forget_check_rows: int = 16384
@@ -156,6 +156,9 @@ class FlowConfig:
         if self.forget_r2 is not None and not (isinstance(self.forget_r2, int | float)
                                                and math.isfinite(self.forget_r2) and self.forget_r2 < 1):
             raise ValueError(f"FlowConfig.forget_r2: expected None or an R^2 below 1, got {self.forget_r2!r}")
+        if self.forget_check_rows < _FORGET_MIN_ROWS:
+            raise ValueError(f"FlowConfig.forget_check_rows: a 5-fold 15-NN probe needs at least {_FORGET_MIN_ROWS} "
+                             f"objects, got {self.forget_check_rows}")
         if self.forget_check_every % self.log_every:
             raise ValueError(f"FlowConfig.forget_check_every: expected a multiple of log_every ({self.log_every}), "
                              f"got {self.forget_check_every}")
@@ -269,7 +272,7 @@ class FlowHistory:
     n_train: int = 0
     n_val: int = 0
     forget_step: list[int] = field(default_factory=list)
-    """Steps of the ``forget_r2`` checks, and the worst held-out 15-NN R^2 of any condition at each."""
+    """Steps of the ``forget_r2`` checks, and the worst 15-NN R^2 of any condition at each."""
     forget_r2: list[float] = field(default_factory=list)
     stopped_at: int | None = None
     """The step training stopped at because the conditions were forgotten; None: it ran all its steps."""
@@ -285,7 +288,7 @@ class FlowHistory:
 
 _VAL_EVAL_MAX = 8192  # held-out rows scored at each log step (see FlowHistory)
 _CHECK_ROWS = 65536  # rows per block when scanning inputs, so checks never copy a whole 1e6 x D array
-_FORGET_MIN_ROWS = 20  # held-out objects a forget_r2 check needs: 5 folds that leave 15 neighbours
+_FORGET_MIN_ROWS = 20  # objects a forget_r2 check needs: 5 folds that leave 15 neighbours
 
 
 def _as_matrix(a: np.ndarray | None, name: str, rows: int | None = None) -> np.ndarray | None:
@@ -390,9 +393,9 @@ class ConditionalFlow:
         if len(names) != cond_dim:
             raise ValueError(f"condition_names: expected {cond_dim} names (one per column of c), got {names}")
         n_val = int(round(cfg.val_fraction * n))
-        if cfg.forget_r2 is not None and (cond_dim == 0 or n_val < _FORGET_MIN_ROWS):
-            raise ValueError(f"FlowConfig.forget_r2 is checked on held-out objects' residuals: it needs conditions "
-                             f"and at least {_FORGET_MIN_ROWS} held-out objects (val_fraction x {n} = {n_val})")
+        if cfg.forget_r2 is not None and (cond_dim == 0 or n < _FORGET_MIN_ROWS):
+            raise ValueError(f"FlowConfig.forget_r2 probes residuals for the conditions: it needs conditions and at "
+                             f"least {_FORGET_MIN_ROWS} objects (got {n} objects, {cond_dim} condition columns)")
         if cfg.val_fraction > 0 and n_val < 1:
             raise ValueError(f"x: {n} objects leave none for validation at val_fraction={cfg.val_fraction}")
         if n - n_val < 2:
