@@ -66,7 +66,8 @@ def main() -> None:
     c = np.stack([cols[k][ok] for k in cond], axis=1)
     conds = {k: cols[k][ok] for k in cond}
     kept = unexplained(cols[args.keep][ok], c, args.seed)
-    base = dataclasses.replace(FlowConfig(seed=args.seed), **parse_overrides(args.set))
+    fixed = parse_overrides(args.set)
+    base = dataclasses.replace(FlowConfig(seed=args.seed), **fixed)
     points = grid(args.sweep)
     print(f"{len(x)} objects x {x.shape[1]} dims; conditions {cond}; kept: {args.keep}|c; {len(points)} settings")
 
@@ -85,7 +86,7 @@ def main() -> None:
         rows.append((name, *score(rep, conds, kept, args.seed), seconds))
         print(f"  {name}: forget {rows[-1][1]:.3f}, keep {rows[-1][2]:.3f} ({seconds:.0f} s fit)", flush=True)
 
-    print(f"\nbase: {', '.join(f'{k}={v}' for k, v in parse_overrides(args.set).items()) or 'FlowConfig defaults'}, "
+    print(f"\nbase: {', '.join(f'{k}={v}' for k, v in fixed.items()) or 'FlowConfig defaults'}, "
           f"guidance {args.guidance:g}; 5-fold CV R^2, best of ridge and 15-NN")
     print(f"| setting | worst R^2 for {', '.join(cond)} (rule <= {FORGET_RULE}) | {args.keep}\\|c | fit (s) |")
     print("|---|---|---|---|")

@@ -395,8 +395,8 @@ def add_parser(sub) -> None:
     p.add_argument("--flow-cond-noise", type=float, default=None,
                    help="FlowConfig.cond_noise: jitter of the standardized conditions in training (default 0)")
     p.add_argument("--flow-forget-r2", type=float, default=None,
-                   help="FlowConfig.forget_r2: stop the flow's training once held-out residuals forget the "
-                        "conditions to this 15-NN R^2 (default: train all steps)")
+                   help="FlowConfig.forget_r2: stop the flow's training once residuals forget the conditions to "
+                        "this 15-NN R^2 (default: train all steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_discovery_eval)

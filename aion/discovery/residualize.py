@@ -34,7 +34,7 @@ class ResidualizeResult:
     train_loss: float
     val_loss: float
     forget_checks: list[tuple[int, float]] = field(default_factory=list)
-    """(step, worst held-out 15-NN R^2 of the conditions) of each ``forget_r2`` check in training."""
+    """(step, worst 15-NN R^2 of the conditions from residuals) of each ``forget_r2`` check in training."""
     stopped_at: int | None = None
 
 
@@ -95,7 +95,8 @@ def residualize(embeddings: os.PathLike | str, catalogue: os.PathLike | str, con
     if not (np.isfinite(guidance) and guidance >= 0):
         raise ValueError(f"--guidance: expected a number >= 0 (1 = plain conditional flow), got {guidance}")
     if flow_dir is not None and (cfg is not None or flow_out is not None):
-        raise ValueError("--flow reuses a trained flow; training options (--steps, --seed, --flow-out) do not apply")
+        raise ValueError("--flow reuses a trained flow; training options (--steps, --seed, --data-noise, "
+                         "--cond-noise, --stop-when-forgotten, --flow-out) do not apply")
     out = default_out(embeddings) if out is None else Path(out)
     emb = load_embeddings(embeddings)
     c = condition_matrix(emb.ids, catalogue, conditions, id_column)
@@ -181,8 +182,7 @@ def _cmd_residualize(args: argparse.Namespace) -> int:
             ("forget_r2", args.stop_when_forgotten)) if value is not None}
         if args.components is not None and args.flow is not None:
             raise ValueError("--components is a training option; a reused --flow keeps its own")
-        for name in ("steps", "seed"):
-            low = 1 if name == "steps" else 0
+        for name, low in (("steps", 1), ("seed", 0)):  # FlowConfig checks them too, but not by flag name
             if name in training and training[name] < low:
                 raise ValueError(f"--{name} must be >= {low}, got {training[name]}")
         cfg = dataclasses.replace(FlowConfig(), **training) if training else None
