@@ -158,6 +158,34 @@ def test_binned_chi2_sees_coherent_offsets():
     assert b8 > 30 * per_pixel  # ~ 64 x 0.04 for fully valid blocks
 
 
+def test_quant_noise_skips_rounding_only_in_training_and_never_changes_tokens():
+    plain = tiny_tokenizer(seed=2)
+    noisy = tiny_tokenizer(seed=2, quant_noise=0.5)
+    noisy.model.load_state_dict(plain.model.state_dict())
+    data = known_layout(plain, blobs(6, LEGACY, seed=9))
+    args = (data["flux"], data["valid"], torch.arange(9))
+    with torch.no_grad():
+        codes, tokens, _ = plain.model.encode(*args)
+        # evaluation (and so tokenization) always rounds
+        assert torch.equal(noisy.model.encode(*args)[0], codes)
+        assert torch.equal(noisy.encode(blobs(6, LEGACY, seed=9)), plain.encode(blobs(6, LEGACY, seed=9)))
+        noisy.model.train()
+        torch.manual_seed(0)
+        mixed, mixed_tokens, _ = noisy.model.encode(*args)
+        noisy.model.eval()
+    assert torch.equal(mixed_tokens, tokens)  # tokens are the rounded ones in training too
+    grid = codes.shape[-1] ** 2
+    differs = (mixed != codes).any(dim=1).flatten(1)  # latent vectors that skipped rounding
+    share = float(differs.float().mean())
+    assert 0.3 < share < 0.7, share  # ~ half of the 6 x 16 latent vectors
+    assert differs.sum() < differs.numel() and differs.flatten().shape[0] == 6 * grid
+    # an unrounded code stays within half a rounding step of its rounded value
+    half_width = torch.tensor([4.0, 2.0, 2.0, 2.0])[None, :, None, None]
+    assert float(((mixed - codes) * half_width).abs().max()) <= 0.5 + 1e-5
+    with pytest.raises(ValueError, match="quant_noise"):
+        tiny_config(quant_noise=1.0)
+
+
 def test_error_floor_only_down_weights_bright_pixels():
     tok = tiny_tokenizer(error_floor=0.05)
     data = known_layout(tok, blobs(4, LEGACY, seed=6))

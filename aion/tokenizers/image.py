@@ -79,7 +79,7 @@ from aion import modalities as registry
 from aion.config import from_dict, load_config, to_dict
 from aion.data.batches import ImageBatch
 from aion.tokenizers.base import Tokenizer, check_recipe_kind, load_tokenizer, register_tokenizer
-from aion.tokenizers.quantizers import FSQ
+from aion.tokenizers.quantizers import FSQ, draw_unrounded
 from aion.tokenizers.trainer import TrainConfig, train
 
 NANOMAGGY_ZERO_POINT = 22.5
@@ -153,6 +153,10 @@ class ImageTokenizerConfig:
     for bands an object lacks) instead of the brightest band's, and each band softened by its own.
     A faint band of a bright object (HSC g of a red galaxy) then keeps its own precision instead of
     being compressed on the brightest band's scale; colours live in the amplitude tokens."""
+    quant_noise: float = 0.0
+    """Training only: share of latent vectors per step that reach the decoder unrounded
+    (QuantNoise, as ``SpectrumTokenizerConfig.quant_noise``). Tokens, encoding and evaluation
+    always round; 0 keeps training exactly as before."""
 
     def __post_init__(self) -> None:
         self.bands = tuple(str(b).lower() for b in self.bands)
@@ -199,6 +203,8 @@ class ImageTokenizerConfig:
                              f"{self.amp_bins_per_dex} / {self.n_amp_bins}")
         if self.amp_per_band and not self.amplitude_token:
             raise ValueError("amp_per_band: needs amplitude_token: true")
+        if not 0 <= self.quant_noise < 1:
+            raise ValueError(f"quant_noise: expected 0 <= x < 1, got {self.quant_noise}")
         if not (self.amp_softening_ratio > 0 and math.isfinite(self.amp_softening_ratio)):
             raise ValueError(f"amp_softening_ratio: expected a positive number, got {self.amp_softening_ratio}")
 
@@ -368,10 +374,12 @@ class ImageCodec(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """-> (codes (B, d, h, w) with straight-through gradients, tokens (B, num_tokens),
         amplitude bins (B,) / (B, K) or None). Tokens: the amplitude bin(s) offset by the codebook
-        size (if any), then the code grid row by row."""
+        size (if any), then the code grid row by row. In training mode a ``quant_noise`` share of
+        the codes skips rounding; the tokens are always the rounded ones."""
         amp = self.amplitude(flux, valid, band_index) if self.cfg.amplitude_token else None
-        z = self.latents(flux, valid, band_index, amp)
-        codes, idx = self.quantizer.quantize(z.permute(0, 2, 3, 1))
+        z = self.latents(flux, valid, band_index, amp).permute(0, 2, 3, 1)
+        unrounded = draw_unrounded(z.shape[:-1], self.cfg.quant_noise, self.training, z.device)
+        codes, idx = self.quantizer.quantize(z, unrounded)
         tokens = idx.flatten(1)
         if amp is not None:
             prefix = amp if amp.ndim == 2 else amp[:, None]

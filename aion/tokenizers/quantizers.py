@@ -33,6 +33,17 @@ class Quantizer(Protocol):
         """Inverse of the index half of ``quantize``."""
 
 
+def draw_unrounded(shape: torch.Size | tuple[int, ...], share: float, training: bool,
+                   device: torch.device) -> torch.Tensor | None:
+    """Training-time quantization noise (QuantNoise, Fan et al. 2020): a boolean mask of the latent
+    vectors whose codes skip FSQ rounding in this step, each drawn with probability ``share``;
+    None (round everything) outside training or when ``share`` is 0. On the unrounded share the
+    decoder's gradient reaches the encoder exactly instead of through the rounding noise."""
+    if not training or share <= 0:
+        return None
+    return torch.rand(tuple(shape), device=device) < share
+
+
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (x.round() - x).detach()
 

@@ -55,7 +55,7 @@ from torch import nn
 from aion.config import from_dict, load_config, to_dict
 from aion.data.batches import SpectrumBatch, concat_batches
 from aion.tokenizers.base import Tokenizer, check_recipe_kind, load_tokenizer, register_tokenizer
-from aion.tokenizers.quantizers import FSQ, LFQ
+from aion.tokenizers.quantizers import FSQ, LFQ, draw_unrounded
 from aion.tokenizers.trainer import TrainConfig, train
 
 PathLike = str | os.PathLike
@@ -370,11 +370,8 @@ class SpectrumAutoencoder(nn.Module):
     def forward(self, flux: torch.Tensor, ivar: torch.Tensor, mask: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = self.encode_latent(self.network_input(flux, ivar, mask))
-        if self.training and self.cfg.quant_noise > 0:
-            unrounded = torch.rand(z.shape[:-1], device=z.device) < self.cfg.quant_noise
-            codes, indices = self.quantizer.quantize(z, unrounded)
-        else:
-            codes, indices = self.quantizer.quantize(z)
+        unrounded = draw_unrounded(z.shape[:-1], self.cfg.quant_noise, self.training, z.device)
+        codes, indices = self.quantizer.quantize(z) if unrounded is None else self.quantizer.quantize(z, unrounded)
         return self.decode_codes(codes), indices, z
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
