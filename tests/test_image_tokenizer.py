@@ -19,6 +19,7 @@ from aion.tokenizers import load_tokenizer
 from aion.tokenizers.image import (
     ImageTokenizer,
     ImageTokenizerConfig,
+    box_cox,
     evaluate_image_tokenizer,
     stack_known_bands,
     train_image_tokenizer,
@@ -143,6 +144,30 @@ def test_loss_ignores_invalid_pixels_and_weights_by_ivar(balance):
         heavy["ivar"][b, c, y, x] *= 100
         n = data["valid"].sum()
         torch.testing.assert_close(tok.model.loss(heavy)[0], base + 99 * plain[b, c, y, x] / n)
+
+
+def test_balance_power_interpolates_between_log_and_mean_chi2():
+    data = known_layout(tiny_tokenizer(), blobs(5, LEGACY, seed=4))
+    losses = {}
+    for p in (0.0, 0.5, 1.0):
+        tok = tiny_tokenizer(seed=3, balance_power=p, binned_chi2_weight=0.0)
+        with torch.no_grad():
+            resid, weight, _, valid = tok.model.residuals(data)
+            per_obj = (weight * resid**2).flatten(1).sum(1) / valid.flatten(1).sum(1)
+            losses[p] = (float(tok.model.loss(data)[0]), per_obj.double() + 1e-6)
+    chi2 = losses[0.0][1]
+    assert float(chi2.min()) > 1.5 and float(chi2.max()) > 2 * float(chi2.min())  # objects fitted unequally
+    assert losses[0.0][0] == pytest.approx(float(chi2.log().mean()), rel=1e-5)
+    assert losses[0.5][0] == pytest.approx(float(((chi2**0.5 - 1) / 0.5).mean()), rel=1e-5)
+    assert losses[1.0][0] == pytest.approx(float(chi2.mean() - 1), rel=1e-5)
+    # an object's pull on the gradient grows like chi2^p: d loss / d chi2_i = chi2_i^(p - 1) / n
+    x = chi2.clone().requires_grad_(True)
+    box_cox(x, 0.5).mean().backward()
+    torch.testing.assert_close(x.grad, chi2 ** -0.5 / len(chi2))
+    for bad, match in (({"balance_power": 1.5}, "balance_power"),
+                       ({"balance_power": 0.5, "balance_objects": False}, "needs balance_objects")):
+        with pytest.raises(ValueError, match=match):
+            tiny_config(**bad)
 
 
 def test_binned_chi2_sees_coherent_offsets():
