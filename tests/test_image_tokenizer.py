@@ -510,6 +510,15 @@ def test_train_resume_and_evaluate_on_mock(tmp_path, small_mock):
         by_snr = r["reduced_chi2_by_object_snr"].values()
         assert sum(b["n"] for b in by_snr) == r["n_objects"]
         assert sum(b["share_of_chi2"] for b in by_snr) == pytest.approx(1.0)
+        by_pixel = r["reduced_chi2_by_pixel_snr"]
+        assert sum(b["share_of_chi2"] for b in by_pixel.values()) == pytest.approx(1.0)
+        n_pix = sum(b["n_pixels"] for b in by_pixel.values())
+        pooled = sum(b["reduced_chi2"] * b["n_pixels"] for b in by_pixel.values()) / n_pix
+        assert pooled == pytest.approx(r["reduced_chi2"], rel=1e-6)
+        # the mock plants hidden physics; objects with none of it form their own class
+        classes = r["reduced_chi2_by_hidden_class"]
+        assert "none" in classes and classes["none"]["n"] <= r["n_objects"]
+        assert all(0 <= c["share_of_chi2"] <= 1 for c in classes.values())
     assert (tmp_path / "eval" / "metrics.json").is_file()
     assert (tmp_path / "eval" / "panels_hsc.png").is_file()
 
