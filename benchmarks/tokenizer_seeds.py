@@ -42,8 +42,14 @@ def parse_variant(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
     if not name:
         raise SystemExit(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...] (NAME: for none)")
-    overrides = {}
-    for item in filter(None, rest.split(",")):
+    overrides, items, depth, start = {}, [], 0, 0
+    for i, ch in enumerate(rest + ","):  # split on commas outside brackets: lists are values too
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            items.append(rest[start:i])
+            start = i + 1
+    for item in filter(None, items):
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
             raise SystemExit(f"--variant {text!r}: {item!r} is not SECTION.KEY=VALUE")
