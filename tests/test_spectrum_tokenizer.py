@@ -437,3 +437,21 @@ def test_train_entry_point_writes_a_loadable_tokenizer_and_resumes(tmp_path):
         with pytest.raises(ValueError, match=f"data.{key}.*truth"):
             train_spectrum_tokenizer(bad, tmp_path / "mmu", tmp_path / f"bad_{key}", progress=False)
         assert not (tmp_path / f"bad_{key}").exists()
+
+
+def test_balance_spectra_averages_log_chi2_per_spectrum():
+    kw = dict(holdout_fraction=0.0, binned_chi2_scales=(2, 4), binned_chi2_weight=1.0, quantizer="fsq",
+              fsq_levels=(5, 4, 3))  # FSQ: no auxiliary term, so the loss is the chi^2 alone
+    plain, balanced = tiny(**kw), tiny(**kw, balance_spectra=True)
+    balanced.model.load_state_dict(plain.model.state_dict())
+    data = {k: v for k, v in _tiny_training_set(plain, 6, seed=3).items() if k != "amp_index"}
+    plain.model.eval(), balanced.model.eval()
+    with torch.no_grad():
+        loss, metrics = balanced.model.loss(data)
+        # each spectrum alone: the plain loss is that spectrum's per-pixel + binned chi^2
+        singles = torch.stack([plain.model.loss({k: v[i:i + 1] for k, v in data.items()})[0] for i in range(6)])
+        full_plain = plain.model.loss(data)[1]
+    assert float(singles.max()) > 1.5 * float(singles.min())  # spectra fitted unequally
+    torch.testing.assert_close(loss, torch.log(singles + 1e-6).mean(), rtol=1e-5, atol=1e-6)
+    assert metrics["chi2"] == pytest.approx(full_plain["chi2"], rel=1e-5)
+    assert metrics["chi2_bin4"] == pytest.approx(full_plain["chi2_bin4"], rel=1e-5)

@@ -110,6 +110,10 @@ class SpectrumTokenizerConfig:
     what the tokenizer should keep over what it should drop."""
     binned_chi2_weight: float = 0.0
     """Weight of the mean over ``binned_chi2_scales`` of the binned chi^2 (0 = off)."""
+    balance_spectra: bool = False
+    """Average log(chi^2) over spectra (per-pixel + binned terms of each spectrum) instead of the
+    mean chi^2, so a few spectra far from fitted (extreme emission lines) do not set the whole
+    gradient; same minimum (every spectrum at its noise). As the image tokenizer's ``balance_objects``."""
     quant_noise: float = 0.0
     """Training only, FSQ only: share of latent vectors per step that reach the decoder unrounded
     (QuantNoise, Fan et al. 2020). Rounding noise on every latent drowns the small gradient of a narrow
@@ -408,6 +412,8 @@ class SpectrumAutoencoder(nn.Module):
                      ) -> tuple[torch.Tensor, dict[str, float]]:
         """chi^2 of ``pred`` against ``target`` on ``scored`` pixels, plus the binned term when configured."""
         resid = torch.where(scored, pred - target, torch.zeros((), device=pred.device))
+        if self.cfg.balance_spectra:
+            return self._balanced_chi2(resid, ivar, scored)
         chi2 = self._mean_chi2(ivar * resid**2, scored)
         metrics = {"chi2": float(chi2.detach())}
         loss = chi2
@@ -422,6 +428,29 @@ class SpectrumAutoencoder(nn.Module):
                 metrics[f"chi2_bin{k}"] = float(terms[-1].detach())
             loss = loss + self.cfg.binned_chi2_weight * torch.stack(terms).mean()
         return loss, metrics
+
+    def _balanced_chi2(self, resid: torch.Tensor, ivar: torch.Tensor, scored: torch.Tensor,
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean over spectra of log(per-pixel chi^2 + weight x mean binned chi^2) of each spectrum."""
+        zero = torch.zeros((), device=resid.device)
+        n = scored.sum(dim=1)
+        has = n > 0
+        per = (ivar * resid**2 * scored).sum(dim=1) / n.clamp_min(1)
+        metrics = {"chi2": float(per[has].mean().detach()) if has.any() else 0.0}
+        if self.cfg.binned_chi2_weight > 0 and self.cfg.binned_chi2_scales:
+            var = torch.where(scored, 1.0 / ivar.clamp_min(1e-30), zero)
+            terms = []
+            for k in self.cfg.binned_chi2_scales:
+                r = F.avg_pool1d(resid[:, None], k)[:, 0] * k
+                v = F.avg_pool1d(var[:, None], k)[:, 0] * k
+                ok = v > 0
+                term = torch.where(ok, r**2 / v.clamp_min(1e-30), zero).sum(dim=1) / ok.sum(dim=1).clamp_min(1)
+                terms.append(term)
+                metrics[f"chi2_bin{k}"] = float(term[has].mean().detach()) if has.any() else 0.0
+            per = per + self.cfg.binned_chi2_weight * torch.stack(terms).mean(0)
+        if not has.any():
+            return per.sum() * 0.0, metrics
+        return torch.log(per[has] + 1e-6).mean(), metrics
 
     def _aux(self, z: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor | float:
         if isinstance(self.quantizer, LFQ) and self.cfg.entropy_weight > 0:
