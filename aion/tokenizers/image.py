@@ -888,6 +888,12 @@ HIDDEN_CLASSES = (("agn_host", "AGN"), ("barred", "BAR_FRAC"), ("rare", "RARE"))
 """Mock truth columns of the planted hidden physics (aion.mock.hidden); non-zero = the object has it."""
 
 
+def _chi2_of_objects(m: np.ndarray, obj_chi2: np.ndarray, obj_n: np.ndarray) -> dict[str, float]:
+    """Count, reduced chi^2 and share of the total chi^2 of the objects selected by ``m``."""
+    return {"n": int(m.sum()), "reduced_chi2": float(obj_chi2[m].sum() / max(obj_n[m].sum(), 1)),
+            "share_of_chi2": float(obj_chi2[m].sum() / max(obj_chi2.sum(), 1e-300))}
+
+
 def _chi2_by_hidden_class(truth: dict[str, np.ndarray], obj_chi2: np.ndarray, obj_n: np.ndarray) -> dict[str, Any]:
     """Reduced chi^2 and share of the total for objects with each planted hidden component (and with
     none), when the truth table records them: AGN point sources make the brightest, sharpest cores."""
@@ -895,12 +901,7 @@ def _chi2_by_hidden_class(truth: dict[str, np.ndarray], obj_chi2: np.ndarray, ob
     if not have:
         return {}
     plain = ~np.logical_or.reduce([m for _, m in have])
-    out = {}
-    for name, m in (*have, ("none", plain)):
-        if m.any():
-            out[name] = {"n": int(m.sum()), "reduced_chi2": float(obj_chi2[m].sum() / max(obj_n[m].sum(), 1)),
-                         "share_of_chi2": float(obj_chi2[m].sum() / max(obj_chi2.sum(), 1e-300))}
-    return out
+    return {name: _chi2_of_objects(m, obj_chi2, obj_n) for name, m in (*have, ("none", plain)) if m.any()}
 
 
 def _aperture_weights(size: int, radius_px: float, sub: int = 8) -> np.ndarray:
@@ -1003,9 +1004,7 @@ def evaluate_image_tokenizer(tokenizer_dir: str | os.PathLike, data_dir: str | o
         for lo, hi in ((0.0, 300.0), (300.0, 1000.0), (1000.0, 2000.0), (2000.0, np.inf)):
             m = (obj_snr >= lo) & (obj_snr < hi)
             if m.any():
-                r["reduced_chi2_by_object_snr"][f"{lo:g}-{hi:g}"] = {
-                    "n": int(m.sum()), "reduced_chi2": float(obj_chi2[m].sum() / max(obj_n[m].sum(), 1)),
-                    "share_of_chi2": float(obj_chi2[m].sum() / max(obj_chi2.sum(), 1e-300))}
+                r["reduced_chi2_by_object_snr"][f"{lo:g}-{hi:g}"] = _chi2_of_objects(m, obj_chi2, obj_n)
         r["reduced_chi2_by_hidden_class"] = _chi2_by_hidden_class(sub_truth, obj_chi2, obj_n)
         # and by pixel: the truth's per-pixel S/N (cores of bright objects need sub-per-cent precision)
         pix_snr = clean * np.sqrt(ivar)

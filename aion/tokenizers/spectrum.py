@@ -402,11 +402,29 @@ class SpectrumAutoencoder(nn.Module):
         return loss + self._aux(z, metrics), metrics
 
     @staticmethod
-    def _mean_chi2(sq: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-        """Mean of ``sq`` over ``pixels`` per spectrum, averaged over spectra that have any."""
+    def _chi2_per_spectrum(sq: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean of ``sq`` over ``pixels`` per spectrum (B,), and which spectra have any pixel (B,)."""
         n = pixels.sum(dim=1)
-        has = n > 0
-        return ((sq * pixels).sum(dim=1) / n.clamp_min(1) * has).sum() / has.sum().clamp_min(1)
+        return (sq * pixels).sum(dim=1) / n.clamp_min(1), n > 0
+
+    @classmethod
+    def _mean_chi2(cls, sq: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """Mean of ``sq`` over ``pixels`` per spectrum, averaged over spectra that have any."""
+        per, has = cls._chi2_per_spectrum(sq, pixels)
+        return (per * has).sum() / has.sum().clamp_min(1)
+
+    def _binned_chi2_per_spectrum(self, resid: torch.Tensor, ivar: torch.Tensor, scored: torch.Tensor,
+                                  ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Per block size k of ``binned_chi2_scales``: (k, chi^2 of residuals summed over k-pixel blocks
+        with their variances added, per spectrum (B,), which spectra have any block (B,))."""
+        var = torch.where(scored, 1.0 / ivar.clamp_min(1e-30), torch.zeros((), device=resid.device))
+        out = []
+        for k in self.cfg.binned_chi2_scales:
+            r = F.avg_pool1d(resid[:, None], k)[:, 0] * k
+            v = F.avg_pool1d(var[:, None], k)[:, 0] * k
+            ok = v > 0
+            out.append((k, *self._chi2_per_spectrum(torch.where(ok, r**2 / v.clamp_min(1e-30), 0.0), ok)))
+        return out
 
     def _scored_chi2(self, pred: torch.Tensor, target: torch.Tensor, ivar: torch.Tensor, scored: torch.Tensor,
                      ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -418,13 +436,9 @@ class SpectrumAutoencoder(nn.Module):
         metrics = {"chi2": float(chi2.detach())}
         loss = chi2
         if self.cfg.binned_chi2_weight > 0 and self.cfg.binned_chi2_scales:
-            var = torch.where(scored, 1.0 / ivar.clamp_min(1e-30), torch.zeros((), device=pred.device))
             terms = []
-            for k in self.cfg.binned_chi2_scales:
-                r = F.avg_pool1d(resid[:, None], k)[:, 0] * k
-                v = F.avg_pool1d(var[:, None], k)[:, 0] * k
-                ok = v > 0
-                terms.append(self._mean_chi2(torch.where(ok, r**2 / v.clamp_min(1e-30), 0.0), ok))
+            for k, per, has in self._binned_chi2_per_spectrum(resid, ivar, scored):
+                terms.append((per * has).sum() / has.sum().clamp_min(1))
                 metrics[f"chi2_bin{k}"] = float(terms[-1].detach())
             loss = loss + self.cfg.binned_chi2_weight * torch.stack(terms).mean()
         return loss, metrics
@@ -432,19 +446,11 @@ class SpectrumAutoencoder(nn.Module):
     def _balanced_chi2(self, resid: torch.Tensor, ivar: torch.Tensor, scored: torch.Tensor,
                        ) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean over spectra of log(per-pixel chi^2 + weight x mean binned chi^2) of each spectrum."""
-        zero = torch.zeros((), device=resid.device)
-        n = scored.sum(dim=1)
-        has = n > 0
-        per = (ivar * resid**2 * scored).sum(dim=1) / n.clamp_min(1)
+        per, has = self._chi2_per_spectrum(ivar * resid**2, scored)
         metrics = {"chi2": float(per[has].mean().detach()) if has.any() else 0.0}
         if self.cfg.binned_chi2_weight > 0 and self.cfg.binned_chi2_scales:
-            var = torch.where(scored, 1.0 / ivar.clamp_min(1e-30), zero)
             terms = []
-            for k in self.cfg.binned_chi2_scales:
-                r = F.avg_pool1d(resid[:, None], k)[:, 0] * k
-                v = F.avg_pool1d(var[:, None], k)[:, 0] * k
-                ok = v > 0
-                term = torch.where(ok, r**2 / v.clamp_min(1e-30), zero).sum(dim=1) / ok.sum(dim=1).clamp_min(1)
+            for k, term, _ in self._binned_chi2_per_spectrum(resid, ivar, scored):
                 terms.append(term)
                 metrics[f"chi2_bin{k}"] = float(term[has].mean().detach()) if has.any() else 0.0
             per = per + self.cfg.binned_chi2_weight * torch.stack(terms).mean(0)
