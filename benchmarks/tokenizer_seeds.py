@@ -77,7 +77,9 @@ def run_one(run_dir: Path, data: str, eval_data: str) -> dict:
                          "--out", str(run_dir / "train"), "--quiet"],
                         [*aion, "tokenizer", "eval", str(run_dir / "train"), "--data", eval_data,
                          "--out", str(run_dir / "eval")]):
-                subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+                if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
+                    step = " ".join(cmd[3:5])
+                    raise SystemExit(f"{run_dir}: `aion {step}` failed; its output is in {run_dir / 'log.txt'}")
     return json.loads(metrics.read_text())
 
 
